@@ -1,0 +1,206 @@
+"""The ``gooddrag`` command line (typer). Errors print one line; ``--debug`` shows tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+import gooddrag
+from gooddrag.core.errors import BadInputError, GoodDragError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Point-based drag editing with diffusion models (GoodDrag, DragDiffusion).")
+_STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gooddrag {gooddrag.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _STATE["debug"] = debug
+
+
+@app.command()
+def edit(
+    image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
+    points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
+    points_file: Optional[Path] = typer.Option(None, "--points-file", help='{"points": [[x,y],...]}: handle, target, ...'),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
+    model: str = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", "--model",
+                              help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random."),
+    vae: str = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file."),
+    preset: str = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's)."),
+    tracker: Optional[str] = typer.Option(None, "--tracker", help="Point tracker (default: the preset's)."),
+    param: List[str] = typer.Option([], "-p", "--param", help="Override kind.field=value (schedule/loss/tracker/lora)."),
+    lora: str = typer.Option("auto", "--lora", help="auto (train once, cached), off, or a LoRA path."),
+    prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + extra)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
+    trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
+) -> None:
+    """Drag the content at each handle to its target."""
+    from gooddrag.core.config import resolve_config
+    from gooddrag.core.inputs import load_points_file, parse_points, prepare_input
+    from gooddrag.core.registry import default_registry
+
+    reg = default_registry()
+    cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
+                         model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed)
+    if points and points_file:
+        raise BadInputError("give either --points or --points-file, not both")
+    pairs = load_points_file(points_file) if points_file else parse_points(points)
+    inp = prepare_input(image, pairs, mask)
+    for note in inp.warnings:
+        typer.echo(f"warning: {note}", err=True)
+    if dry_run:
+        typer.echo(cfg.to_json())
+        return
+    if out is None:
+        raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
+    if lora not in ("auto", "off") and not Path(lora).exists():
+        raise BadInputError(f"--lora {lora}: no such file or folder; pass auto, off or a LoRA path")
+    _silence_libraries()
+    from gooddrag.core.editor import Editor
+    from gooddrag.plugins import outputs as o
+
+    editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention, registry=reg)
+    with o.staging(out) as tmp:
+        plugins: list = []
+        tracer = o.TraceWriter(tmp / "trace.jsonl") if trace else None
+        gifw = o.GifWriter(editor.backbone, inp.size) if gif else None
+        progress = o.ProgressDisplay() if sys.stderr.isatty() else None
+        plugins = [x for x in (tracer, gifw, progress) if x is not None]
+        try:
+            result = editor.edit(image, inp, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
+                                 overrides=param, lora=lora, prompt=prompt, seed=seed, plugins=plugins)
+        finally:
+            if tracer:
+                tracer.close()
+            if progress:
+                progress.stop()
+        result.report["input"] = {"image": str(image), "mask": str(mask) if mask else None,
+                                  "points_file": str(points_file) if points_file else None}
+        o.write_result_files(tmp, inp.image, result)
+        if gifw:
+            gifw.save(tmp / "drag.gif", result.image)
+    r = result.report
+    typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
+               f"final handles {r['final_handles']})")
+
+
+@app.command()
+def plugins(params: bool = typer.Option(False, "--params", help="Also list every parameter with its default.")) -> None:
+    """List every registered component (built-in and third-party)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gooddrag.core.params import describe_params
+    from gooddrag.core.registry import KINDS, default_registry
+
+    reg = default_registry()
+    table = Table("kind", "name", "plugin", "description", *(["params (default) - help"] if params else []),
+                  show_lines=params)
+    for kind in KINDS:
+        for name, comp in reg.items(kind):
+            doc = (comp.doc if kind == "preset" else (comp.__doc__ or "")).strip().splitlines()
+            row = [kind, name, reg.owner(kind, name), doc[0] if doc else ""]
+            if params:
+                if kind == "preset":
+                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                else:
+                    row.append("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)) or "(none)")
+            table.add_row(*row)
+    Console(width=200 if params else None).print(table)
+
+
+def _not_yet(what: str) -> None:
+    raise GoodDragError(f"'gooddrag {what}' is not implemented in this version; use 'gooddrag edit'")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench() -> None:
+    """(not implemented yet) Edit and score every sample of a benchmark."""
+    _not_yet("bench")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def score() -> None:
+    """(not implemented yet) Score a folder of results against a benchmark."""
+    _not_yet("score")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ui() -> None:
+    """(not implemented yet) Interactive editor in the browser."""
+    _not_yet("ui")
+
+
+def _silence_libraries() -> None:
+    """Library chatter (deprecations, torchvision notices) is not ours to show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the app; a GoodDragError becomes ``error: <message>`` and exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="gooddrag", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted: no partial output was kept", err=True)
+        return 130
+    except GoodDragError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The Python API: ``Editor.from_pretrained(...)`` loads the backbone once; ``editor.edit(...)`` runs
+one drag edit (LoRA, inversion, reference, drag, mutual-attention finish, decode)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from typing import Any, Iterable, Sequence
+
+import attrs
+import torch
+from PIL import Image
+
+from gooddrag.core.config import EditConfig, resolve_config
+from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
+from gooddrag.core.inputs import EditInput, Pair, prepare_input
+from gooddrag.core.registry import Registry, default_registry
+
+
+@attrs.define
+class EditResult:
+    """The edited image (original size), final handles in image px, and the run report."""
+
+    image: Image.Image
+    points: list[list[int]]
+    report: dict[str, Any]
+
+
+def select_backbone(registry: Registry, model: str) -> Any:
+    """A model name that is a registered backbone (e.g. ``tiny-random``) picks it; anything else
+    (hub id, folder, file) goes to the ``stable-diffusion`` backbone."""
+    if model in registry.names("backbone"):
+        return registry.get("backbone", model)
+    return registry.get("backbone", "stable-diffusion")
+
+
+class Editor:
+    """Holds a loaded backbone and the plugin registry; edits any number of images."""
+
+    def __init__(self, backbone: Any, registry: Registry | None = None):
+        self.backbone = backbone
+        self.registry = registry or default_registry()
+
+    @classmethod
+    def from_pretrained(cls, model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5", *, vae: str = "auto",
+                        device: str = "auto", dtype: str = "fp32", attention: str = "auto",
+                        registry: Registry | None = None) -> "Editor":
+        registry = registry or default_registry()
+        backbone = select_backbone(registry, model).load(model, vae=vae, device=device, dtype=dtype, attention=attention)
+        return cls(backbone, registry)
+
+    def config(self, **kwargs: Any) -> EditConfig:
+        b = self.backbone
+        runtime = dict(model=b.model_id, device=str(b.device), attention=b.attention,
+                       dtype={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[b.dtype])
+        runtime.update({k: kwargs.pop(k) for k in ("vae", "lora", "seed") if k in kwargs})
+        return resolve_config(self.registry, **kwargs, **runtime)
+
+    def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",
+             schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
+             overrides: Sequence[str] | dict = (), lora: str = "auto", prompt: str = "", seed: int = 0,
+             plugins: Iterable[Any] = ()) -> EditResult:
+        """Drag ``points`` ([(handle_xy, target_xy), ...] in image px) in ``image``.
+
+        ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
+        """
+        cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
+                          lora=lora, seed=seed)
+        inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask)
+        with _registered(self.registry.pm, plugins):
+            return self._run(cfg, inp, prompt, list(inp.warnings))
+
+    def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
+        reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
+        events = Events(hook)
+        timer = _PhaseTimer(b.device, events)
+        cuda = b.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(b.device)
+        hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
+        schedule = reg.get("schedule", cfg.schedule)(cfg.schedule_params)
+        loss = reg.get("loss", cfg.loss)(cfg.loss_params)
+        tracker = reg.get("tracker", cfg.tracker)(cfg.tracker_params)
+        torch.manual_seed(cfg.seed)
+        b.set_prompt(prompt)
+        image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
+        num_steps = cfg.schedule_params.num_inference_steps
+        ddim = b.sampler(num_steps)
+        with timer("lora"):
+            lora_status = b.use_lora(cfg.lora, image, cfg.lora_params)
+        with timer("inversion"):
+            z0 = b.encode(image)  # (1, 4, H/8, W/8)
+            start, indices = drag_window(schedule, num_steps)
+            z_start = b.invert(z0, start)
+        with timer("reference"):
+            ref = Reference(b, z_start, indices, ddim.timesteps)
+        handles, targets = (x.to(b.device) for x in inp.grid_points())
+        mask = inp.latent_mask()
+        ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z_start, reference=ref,
+                          loss=loss, tracker=tracker, points=Points(handles.clone(), handles.clone(), targets),
+                          mask=None if mask is None else mask.to(b.device), events=events,
+                          mask_is_empty=mask is not None and not bool(mask.any()))
+        with timer("drag"):
+            out = schedule.run(ctx)
+        with timer("finish"):
+            z = out.latent.detach()
+            z_ref = ref.latents[out.next_index]
+            with torch.no_grad():
+                for k in range(out.next_index, num_steps):
+                    t = ddim.timesteps[k]
+                    eps_ref, eps = b.eps_mutual(z_ref, z, t)
+                    z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+        with timer("decode"):
+            x = b.decode(z)  # (1, 3, H, W) in [0, 1]
+            arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+            result = Image.fromarray(arr).resize(inp.size, Image.BILINEAR)
+        final = inp.to_image_px(ctx.points.handles)
+        report = {
+            "config": cfg.to_dict(),
+            "prompt": prompt,
+            "image_size": list(inp.size),
+            "working_size": list(inp.work_size),
+            "handles": [list(h) for h, _ in inp.pairs],
+            "targets": [list(t) for _, t in inp.pairs],
+            "final_handles": final,
+            "final_handles_grid": ctx.points.handles.cpu().tolist(),
+            "stop_reason": out.reason,
+            "drags": out.drags,
+            "gradient_steps": out.steps,
+            "start_timestep": ddim.timesteps[start],
+            "drag_timesteps": [ddim.timesteps[k] for k in indices],
+            "lora": lora_status,
+            "device": str(b.device),
+            "device_name": torch.cuda.get_device_name(b.device) if cuda else "cpu",
+            "dtype": cfg.dtype,
+            "attention": b.attention,
+            "timings_s": timer.times,
+            "peak_memory_mb": _peak_mb(b.device),
+            "warnings": notes,
+            "versions": versions(),
+        }
+        res = EditResult(result, final, report)
+        hook.gooddrag_edit_finished(result=res)
+        return res
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gooddrag", "torch", "diffusers", "transformers", "peft", "accelerate", "xformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process peak RSS (Linux: KiB)
+
+
+class _PhaseTimer:
+    """Wall time per phase (CUDA-synchronised at the edges only) and phase events."""
+
+    def __init__(self, device: torch.device, events: Events):
+        self.device, self.events, self.times = device, events, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.events.phase(name, "start")
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = round(time.perf_counter() - t0, 4)
+        self.events.phase(name, "end")
+
+
+@contextlib.contextmanager
+def _registered(pm: Any, plugins: Iterable[Any]):
+    plugins = list(plugins)
+    for p in plugins:
+        pm.register(p)
+    try:
+        yield
+    finally:
+        for p in plugins:
+            pm.unregister(p)

@@ -1,0 +1,169 @@
+"""The edit pipeline around a schedule: invert, cache the reference trajectory, drag, finish.
+
+    z_T  = DDIM-invert(z_0) to the schedule's start timestep          (SPEC 4)
+    ref  = plain DDIM from z_T over the drag window: F0_t, z0_{t-1}     (SPEC 4)
+    out  = schedule.run(ctx)            drags, tracks, stops            (SPEC 5 / 10)
+    z_0' = DDIM from out.next_index with mutual self-attention          (SPEC 9)
+
+Strategies only see ``DragContext``: the backbone, the reference, the loss, the tracker, the points,
+the mask and the event relay. Nothing here copies tensors to the host inside the loop except the
+scalar stop checks the schedule needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from gooddrag.core.ddim import start_index as _start_index
+from gooddrag.core.geometry import point_vectors
+
+
+@attrs.frozen
+class LossParts:
+    """A loss value and its two parts (0-d tensors on the device)."""
+
+    total: torch.Tensor
+    motion: torch.Tensor
+    preserve: torch.Tensor
+
+
+@attrs.define
+class Points:
+    """Handle/target state on the feature grid: (N, 2) float (row, col) tensors on the device."""
+
+    handles0: torch.Tensor  # (N, 2) original handles p_i0
+    handles: torch.Tensor  # (N, 2) current handles p_i
+    targets: torch.Tensor  # (N, 2) targets q_i
+
+    def distances(self) -> torch.Tensor:
+        return (self.targets - self.handles).norm(dim=1)  # (N,)
+
+    def reached(self, within: float) -> bool:
+        """All handles within ``within`` feature px of their targets (one host sync)."""
+        return bool((self.distances() < within).all())
+
+
+@attrs.define
+class Outcome:
+    """What a schedule hands back: the latent at ``next_index`` (not yet denoised at that index)."""
+
+    latent: torch.Tensor
+    next_index: int
+    reason: str  # reached | patience | schedule_end | loss_threshold
+    drags: int = 0
+    steps: int = 0
+
+
+class Reference:
+    """The unedited trajectory over the drag window, computed once (SPEC 4).
+
+    For every drag timestep t it keeps the low-resolution features (upsampled on demand, one map
+    cached) and z0_{t-1}, the plain DDIM output; ``latents[k]`` is the reference latent at index k.
+    """
+
+    def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int]):
+        self.backbone = backbone
+        self.latents: dict[int, torch.Tensor] = {}
+        self.prev: dict[int, torch.Tensor] = {}
+        self._lowres: dict[int, torch.Tensor] = {}
+        self._cached: tuple[int, torch.Tensor] | None = None
+        z = z_start
+        last = max(indices) if indices else indices
+        with torch.no_grad():
+            for k in range(min(indices), last + 1) if indices else ():
+                t = timesteps[k]
+                self.latents[k] = z
+                eps, feats = backbone.eps_and_features(z, t, upsample=False)
+                self._lowres[t] = feats
+                z = backbone.ddim_step(z, eps, t)
+                self.prev[t] = z
+            if indices:
+                self.latents[last + 1] = z
+
+    def features(self, t: int) -> torch.Tensor:
+        """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached."""
+        if self._cached is None or self._cached[0] != t:
+            self._cached = (t, self.backbone.upsample_features(self._lowres[t]))
+        return self._cached[1]
+
+    def vectors(self, t: int, points: torch.Tensor) -> torch.Tensor:
+        """F0_t at integer ``points`` (N, 2) -> (N, C): the trackers' reference vectors."""
+        return point_vectors(self.features(t), points)
+
+
+class Events:
+    """Relay of the event hooks; a hook nobody implements costs nothing (no host copies)."""
+
+    def __init__(self, hook: Any | None):
+        self._hook = hook
+        names = ("gooddrag_drag_step", "gooddrag_points_tracked", "gooddrag_drag_stopped",
+                 "gooddrag_phase", "gooddrag_preview")
+        self._on = {n: bool(hook is not None and getattr(hook, n).get_hookimpls()) for n in names}
+
+    def step(self, timestep: int, drag: int, step: int, parts: LossParts) -> None:
+        if self._on["gooddrag_drag_step"]:
+            self._hook.gooddrag_drag_step(timestep=timestep, drag=drag, step=step, loss=parts.total.detach(),
+                                          motion=parts.motion.detach(), preserve=parts.preserve.detach())
+
+    def tracked(self, timestep: int, drag: int, points: torch.Tensor) -> None:
+        if self._on["gooddrag_points_tracked"]:
+            self._hook.gooddrag_points_tracked(timestep=timestep, drag=drag, points=points)
+
+    def stopped(self, timestep: int, reason: str) -> None:
+        if self._on["gooddrag_drag_stopped"]:
+            self._hook.gooddrag_drag_stopped(timestep=timestep, reason=reason)
+
+    def phase(self, name: str, status: str) -> None:
+        if self._on["gooddrag_phase"]:
+            self._hook.gooddrag_phase(name=name, status=status)
+
+    @property
+    def wants_preview(self) -> bool:
+        return self._on["gooddrag_preview"]
+
+    def preview(self, timestep: int, drag: int, latent: torch.Tensor) -> None:
+        if self._on["gooddrag_preview"]:
+            self._hook.gooddrag_preview(timestep=timestep, drag=drag, latent=latent.detach())
+
+
+@attrs.define
+class DragContext:
+    """Everything a schedule, loss or tracker may use during one edit."""
+
+    backbone: Any
+    timesteps: list[int]
+    start_index: int
+    z_start: torch.Tensor  # (1, 4, H/8, W/8) inverted latent at timesteps[start_index], fp32
+    reference: Reference
+    loss: Callable[..., LossParts]
+    tracker: Any
+    points: Points
+    mask: torch.Tensor | None  # (1, 1, H/8, W/8) 1 = editable; None = everything editable
+    mask_is_empty: bool
+    events: Events
+
+    def forward(self, z: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps (1, 4, h, w) and features (1, C, H/2, W/2) of the latent at t, in one UNet pass."""
+        return self.backbone.eps_and_features(z, t)
+
+    def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""
+        if self.mask is None:
+            return z.new_zeros(())
+        z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
+        return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:
+    """(start index, drag indices) of a schedule from its Params."""
+    sp = schedule.params
+    start = _start_index(num_steps, sp.inversion_strength)
+    return start, schedule.drag_indices(start, num_steps)
+
+
+def make_optimizer(z: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """A fresh Adam on the latent (re-created at every drag timestep, as the method does)."""
+    return torch.optim.Adam([z], lr=lr)

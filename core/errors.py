@@ -1,0 +1,25 @@
+"""Typed errors. Each carries a one-line message naming the culprit and the fix; the CLI prints it."""
+
+
+class GoodDragError(Exception):
+    """Base of every error the engine raises on purpose (the CLI prints these without a traceback)."""
+
+
+class BadInputError(GoodDragError):
+    """The image, points or mask given by the user cannot be edited as they are."""
+
+
+class ConfigError(GoodDragError):
+    """A preset, component name or parameter override is unknown or out of range."""
+
+
+class PluginError(GoodDragError):
+    """A plugin failed to load or registered something invalid (duplicate name, missing Params)."""
+
+
+class ModelNotFoundError(GoodDragError):
+    """A model (or VAE, LoRA) could not be found locally and the hub cannot be reached."""
+
+
+class RequirementError(GoodDragError):
+    """An optional dependency, weight file or API key that a component needs is missing."""

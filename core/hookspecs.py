@@ -1,0 +1,123 @@
+"""The gooddrag hook specification (pluggy project name ``gooddrag``).
+
+Registration hooks are called once, when the plugin manager starts. Each returns a list of
+*component classes*: a class with a unique ``name`` (str), a docstring, and a frozen keyword-only
+attrs class ``Params`` whose defaults are the method's numbers. Built-ins are registered exactly
+like third-party packages: through the ``gooddrag`` entry-point group.
+
+Event hooks are called at the edges of the hot loop. They receive live tensors (no host copies are
+made unless a plugin asks for them), must be cheap, and their return values are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "gooddrag"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- registration hooks ------------------------------------------------------------------------
+
+
+@hookspec
+def gooddrag_register_schedules() -> list[type]:
+    """Called once at start-up. Return drag schedule classes.
+
+    A schedule has ``Params`` and ``run(ctx) -> Outcome``: it decides at which timesteps to drag,
+    how many optimisation steps, when to track points and when to stop (see core/engine.py).
+    It also exposes ``start_index(num_steps)`` and ``drag_indices(num_steps)`` so the engine can
+    invert to the right timestep and cache the reference trajectory it will need.
+    """
+
+
+@hookspec
+def gooddrag_register_losses() -> list[type]:
+    """Called once at start-up. Return motion-supervision loss classes.
+
+    A loss has ``Params`` and ``__call__(ctx, z, t, feats, eps, points) -> LossParts``.
+    """
+
+
+@hookspec
+def gooddrag_register_trackers() -> list[type]:
+    """Called once at start-up. Return point tracker classes.
+
+    A tracker has ``Params`` and ``track(ref_vectors, feats, points) -> points``.
+    """
+
+
+@hookspec
+def gooddrag_register_backbones() -> list[type]:
+    """Called once at start-up. Return backbone classes (a diffusion model adapter).
+
+    A backbone has ``Params`` and a classmethod ``load(model, *, vae, device, dtype, attention)``
+    returning an object with encode/decode/eps_and_features/ddim_step/mutual_attention.
+    """
+
+
+@hookspec
+def gooddrag_register_metrics() -> list[type]:
+    """Called once at start-up. Return metric classes: ``Params``, ``requires(params)`` (checked
+    before a run starts) and ``score(sample, result_image, final_points) -> dict``."""
+
+
+@hookspec
+def gooddrag_register_datasets() -> list[type]:
+    """Called once at start-up. Return dataset classes: ``Params``, ``detect(folder) -> bool`` and
+    ``samples(folder)`` yielding samples (image, mask, handle/target pairs, prompt, id, group)."""
+
+
+@hookspec
+def gooddrag_register_runners() -> list[type]:
+    """Called once at start-up. Return bench runner classes (how samples are spread over devices)."""
+
+
+@hookspec
+def gooddrag_register_presets() -> list[Any]:
+    """Called once at start-up. Return ``gooddrag.core.config.Preset`` objects: a named choice of
+    schedule, loss and tracker plus parameter values."""
+
+
+# --- event hooks (edges of the hot loop) --------------------------------------------------------
+
+
+@hookspec
+def gooddrag_edit_started(config: Any, image_size: tuple[int, int], points: Any) -> None:
+    """Called once per edit, after the input is validated and before any model work."""
+
+
+@hookspec
+def gooddrag_drag_step(timestep: int, drag: int, step: int, loss: Any, motion: Any, preserve: Any) -> None:
+    """Called after every gradient step on the latent. Loss parts are 0-d tensors on the device."""
+
+
+@hookspec
+def gooddrag_points_tracked(timestep: int, drag: int, points: Any) -> None:
+    """Called after every tracking event with the current handles, a (N, 2) tensor of
+    (row, col) feature-grid positions on the device."""
+
+
+@hookspec
+def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
+    """Called once when dragging ends: reason is ``reached``, ``patience`` or ``schedule_end``."""
+
+
+@hookspec
+def gooddrag_phase(name: str, status: str) -> None:
+    """Called when a phase (``lora``, ``inversion``, ``reference``, ``drag``, ``finish``,
+    ``decode``) starts (status ``start``) or ends (status ``end``)."""
+
+
+@hookspec
+def gooddrag_preview(timestep: int, drag: int, latent: Any) -> None:
+    """Called after each drag (B-loop iteration) with the current latent, for animation writers.
+    Only called when some plugin implements it."""
+
+
+@hookspec
+def gooddrag_edit_finished(result: Any) -> None:
+    """Called once per successful edit with the EditResult."""

@@ -1,0 +1,173 @@
+"""User input: image, handle/target points and mask, validated before any model loads.
+
+Points arrive as image pixels ``[x, y]`` of the original image. The engine works on a resized copy
+(width 512, height scaled and rounded to a multiple of 8) and places points on the feature grid
+(H/2, W/2) as ``(row, col)``; results go back to the original size (SPEC 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from gooddrag.core.errors import BadInputError
+
+Pair = tuple[tuple[float, float], tuple[float, float]]
+
+
+def load_image(path: str | Path, what: str = "image") -> Image.Image:
+    """Open an image file fully (so later failures can't come from a lazy read)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise BadInputError(f"{what} {str(path)!r} does not exist; pass a PNG/JPEG file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInputError(f"{what} {str(path)!r} is not a readable image ({type(exc).__name__}); "
+                            "pass a PNG/JPEG file") from None
+
+
+def parse_points(specs: Sequence[str]) -> list[Pair]:
+    """``["x,y:x,y", ...]`` (one handle:target pair per item) -> pairs."""
+    pairs: list[Pair] = []
+    for spec in specs:
+        handle, sep, target = spec.partition(":")
+        if not sep:
+            raise BadInputError(f"--points {spec!r}: write a pair as HX,HY:TX,TY, e.g. --points 120,80:160,80")
+        pairs.append((_xy(handle, spec), _xy(target, spec)))
+    return pairs
+
+
+def _xy(text: str, spec: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise ValueError
+    except ValueError:
+        raise BadInputError(f"--points {spec!r}: {text!r} is not X,Y; write a pair as HX,HY:TX,TY") from None
+    return x, y
+
+
+def load_points_file(path: str | Path) -> list[Pair]:
+    """GoodDrag/Drag100 format ``{"points": [[x, y], ...]}``: handle, target, handle, target, ..."""
+    try:
+        data = json.loads(Path(path).read_text())
+        flat = data["points"] if isinstance(data, dict) else data
+        coords = [(float(x), float(y)) for x, y in flat]
+    except FileNotFoundError:
+        raise BadInputError(f"points file {str(path)!r} does not exist") from None
+    except (ValueError, KeyError, TypeError):
+        raise BadInputError(f"points file {str(path)!r} is not {{\"points\": [[x, y], ...]}} "
+                            "(handle, target, handle, target, ...)") from None
+    if len(coords) % 2:
+        raise BadInputError(f"points file {str(path)!r} has {len(coords)} points, an odd number; "
+                            "give handle, target pairs")
+    return [(coords[i], coords[i + 1]) for i in range(0, len(coords), 2)]
+
+
+def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
+    """Non-empty, inside the image, handle != target."""
+    w, h = size
+    if not pairs:
+        raise BadInputError("no points given; pass --points HX,HY:TX,TY or --points-file points.json")
+    for i, pair in enumerate(pairs):
+        for role, (x, y) in zip(("handle", "target"), pair):
+            if not (0 <= x < w and 0 <= y < h):
+                raise BadInputError(f"{role} {i + 1} at ({x:g}, {y:g}) is outside the {w}x{h} image; "
+                                    f"use 0 <= x < {w}, 0 <= y < {h}")
+        if tuple(pair[0]) == tuple(pair[1]):
+            raise BadInputError(f"pair {i + 1}: handle equals target at {pair[0]}; move the target")
+
+
+def working_size(size: tuple[int, int], width: int = 512) -> tuple[int, int]:
+    """Width 512, height int(512*h/w) rounded to a multiple of 8 (at least 8)."""
+    w, h = size
+    hh = int(width * h / w)
+    return width, max(8, int(round(hh / 8)) * 8)
+
+
+@attrs.frozen
+class EditInput:
+    """A validated edit request in both coordinate systems."""
+
+    image: Image.Image  # original RGB
+    pairs: tuple[Pair, ...]  # original image pixels
+    mask: np.ndarray | None  # (H0, W0) bool, True = editable; None = everything editable
+    work_size: tuple[int, int]  # (W, H)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def image_tensor(self) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1], bilinear-resized to the working size."""
+        im = self.image.resize(self.work_size, Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        return x.permute(2, 0, 1)[None]
+
+    def latent_mask(self) -> torch.Tensor | None:
+        """(1, 1, H/8, W/8) float, 1 = editable (nearest resizes)."""
+        if self.mask is None:
+            return None
+        m = Image.fromarray(self.mask.astype(np.uint8) * 255).resize(self.work_size, Image.NEAREST)
+        t = torch.from_numpy(np.asarray(m) > 127).float()[None, None]
+        w, h = self.work_size
+        return F.interpolate(t, size=(h // 8, w // 8), mode="nearest")
+
+    def grid_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Handles and targets as (N, 2) (row, col) on the (H/2, W/2) grid, round-half-even."""
+        (w0, h0), (w, h) = self.size, self.work_size
+        xy = torch.tensor([c for pair in self.pairs for c in pair], dtype=torch.float64)  # (2N, 2) [x, y]
+        rows = torch.round(xy[:, 1] * (h / h0) * (h // 2) / h)
+        cols = torch.round(xy[:, 0] * (w / w0) * (w // 2) / w)
+        rc = torch.stack([rows, cols], 1).float()
+        return rc[0::2], rc[1::2]
+
+    def to_image_px(self, grid: torch.Tensor) -> list[list[int]]:
+        """(N, 2) (row, col) grid points -> [[x, y], ...] in original image pixels."""
+        (w0, h0), (w, h) = self.size, self.work_size
+        out = []
+        for row, col in grid.detach().cpu().tolist():
+            x = round(col * w / (w // 2))
+            y = round(row * h / (h // 2))
+            out.append([int(round(x * w0 / w)), int(round(y * h0 / h))])
+        return out
+
+
+def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, what: str = "image") -> EditInput:
+    """Validate everything about the request (no model involved)."""
+    img = load_image(image, what) if isinstance(image, (str, Path)) else image
+    if not isinstance(img, Image.Image):
+        raise BadInputError("image must be a file path or a PIL image")
+    img = img.convert("RGB")
+    validate_points(pairs, img.size)
+    notes: list[str] = []
+    arr = None
+    if mask is None:
+        notes.append("no mask given: the whole image is editable (mask term off)")
+    else:
+        m = load_image(mask, "mask") if isinstance(mask, (str, Path)) else mask
+        if isinstance(m, Image.Image):
+            if m.size != img.size:
+                raise BadInputError(f"mask is {m.size[0]}x{m.size[1]} but the image is {img.size[0]}x{img.size[1]}; "
+                                    "give a mask of the image's size (white = editable)")
+            arr = np.asarray(m.convert("L")) > 127
+        else:
+            arr = np.asarray(m).astype(bool)
+            if arr.shape != (img.size[1], img.size[0]):
+                raise BadInputError(f"mask has shape {arr.shape} but the image is {img.size[1]}x{img.size[0]} (HxW)")
+        if not arr.any():
+            notes.append("mask has no editable (white) pixel: the whole image is kept on the unedited trajectory")
+    return EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size), tuple(notes))

@@ -1,0 +1,27 @@
+"""Built-in presets (SPEC Q1): the UI defaults, the benchmark script's values, and the baseline."""
+
+from __future__ import annotations
+
+from gooddrag.core.config import Preset
+from gooddrag.core.hookspecs import hookimpl
+
+GOODDRAG = Preset(
+    name="gooddrag", doc="GoodDrag with the public UI's values: AlDD 7x10x3, lr 0.02, lambda 0.2, patience 10",
+    schedule="aldd", loss="info-preserving", tracker="nearest")
+GOODDRAG_BENCH = Preset(
+    name="gooddrag-bench", doc="GoodDrag with the public benchmark script's values: lambda 0.1, patience 5",
+    schedule="aldd", loss="info-preserving", tracker="nearest",
+    params={"loss": {"lam": 0.1}, "schedule": {"patience": 5}})
+DRAGDIFFUSION = Preset(
+    name="dragdiffusion", doc="DragDiffusion: one drag timestep (t=681), 80 steps at lr 0.01, 3x3 patches, 7x7 tracking",
+    schedule="single-step", loss="patch-following", tracker="nearest",
+    params={"tracker": {"radius": 3}})
+DRAGDIFFUSION_STAR = Preset(
+    name="dragdiffusion-star", doc="DragDiffusion* of the GoodDrag paper: the baseline with the same 210 steps",
+    schedule="single-step", loss="patch-following", tracker="nearest",
+    params={"tracker": {"radius": 3}, "schedule": {"steps": 210}})
+
+
+@hookimpl
+def gooddrag_register_presets():
+    return [GOODDRAG, GOODDRAG_BENCH, DRAGDIFFUSION, DRAGDIFFUSION_STAR]

@@ -1,0 +1,1 @@
+"""gooddrag.schedules."""

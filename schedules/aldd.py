@@ -1,0 +1,109 @@
+"""AlDD: Alternating Drag and Denoising (GoodDrag, SPEC section 5).
+
+Instead of one large drag at a single timestep, the drag is spread over the first ``drag_timesteps``
+denoising steps: at each of them the latent is optimised for B drags of J Adam steps, the handles
+are tracked after every drag, and then the timestep is denoised. Small per-step perturbations are
+corrected by the following denoising, so the image does not collapse.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from attrs.validators import ge, gt, le
+
+from gooddrag.core.engine import DragContext, Outcome, make_optimizer
+from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.params import finite, p
+
+
+class AlDD:
+    """Alternating Drag and Denoising over the first timesteps after inversion (GoodDrag)."""
+
+    name = "aldd"
+
+    @attrs.frozen(kw_only=True)
+    class Params:
+        num_inference_steps: int = p(50, "DDIM steps of the whole sampler", ge(1))
+        inversion_strength: float = p(0.75, "fraction of steps inverted (0.75 -> start at t=741)", gt(0), le(1), finite)
+        drag_timesteps: int = p(7, "denoising timesteps that drag (T2)", ge(1))
+        drags_per_timestep: int = p(10, "drags B per timestep, each followed by tracking", ge(1))
+        steps_per_drag: int = p(3, "Adam steps J per drag", ge(1))
+        lr: float = p(0.02, "Adam learning rate on the latent", gt(0), finite)
+        reach_distance: float = p(2.0, "done when every handle is this close (feature px)", ge(0), finite)
+        patience: int = p(10, "stop after this many drags in a row with no point moving (0 = never)", ge(0))
+        loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off, as the public code)", ge(0), finite)
+        fresh_tracking: bool = p(False, "track on a fresh forward instead of the last step's features (Q2)")
+
+    def __init__(self, params: "AlDD.Params"):
+        self.params = params
+
+    def drag_indices(self, start: int, num_steps: int) -> list[int]:
+        return list(range(start, min(start + self.params.drag_timesteps, num_steps)))
+
+    def run(self, ctx: DragContext) -> Outcome:
+        P, pts, ev = self.params, ctx.points, ctx.events
+        z = ctx.z_start
+        still_moving = 0  # consecutive post-drag tracking events with no point moving (not reset, Q5)
+        reason, drags, steps = "schedule_end", 0, 0
+        indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
+        for k in indices:
+            t = ctx.timesteps[k]
+            z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
+            opt = make_optimizer(z, P.lr)
+            ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
+            with torch.no_grad():
+                _, feats = ctx.forward(z, t)
+            pts.handles = ctx.tracker.track(ref_vectors, feats, pts.handles)
+            ev.tracked(t, 0, pts.handles)
+            stop = None
+            for b in range(P.drags_per_timestep):
+                for _ in range(P.steps_per_drag):
+                    stop = self._stop(pts, still_moving)
+                    if stop:
+                        break
+                    eps, feats = ctx.forward(z, t)
+                    parts = ctx.loss(ctx, z, t, feats, eps, pts)
+                    opt.zero_grad(set_to_none=True)
+                    parts.total.backward()
+                    opt.step()
+                    ev.step(t, b, steps, parts)
+                    steps += 1
+                    if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
+                        stop = "loss_threshold"
+                        break
+                if stop and stop != "loss_threshold":
+                    break
+                if P.fresh_tracking:
+                    with torch.no_grad():
+                        _, feats = ctx.forward(z, t)
+                moved = ctx.tracker.track(ref_vectors, feats.detach(), pts.handles)
+                still_moving = 0 if bool((moved != pts.handles).any()) else still_moving + 1
+                pts.handles = moved
+                drags += 1
+                ev.tracked(t, b + 1, pts.handles)
+                ev.preview(t, b, z)
+                if stop:
+                    break
+            z = z.detach()
+            with torch.no_grad():
+                eps, _ = ctx.forward(z, t)
+                z = ctx.backbone.ddim_step(z, eps, t)
+            if stop:
+                reason = stop
+                ev.stopped(t, reason)
+                return Outcome(z, k + 1, reason, drags, steps)
+        ev.stopped(ctx.timesteps[indices[-1]], reason)
+        return Outcome(z, indices[-1] + 1, reason, drags, steps)
+
+    def _stop(self, pts, still_moving: int) -> str | None:
+        if pts.reached(self.params.reach_distance):
+            return "reached"
+        if self.params.patience and still_moving >= self.params.patience:
+            return "patience"
+        return None
+
+
+@hookimpl
+def gooddrag_register_schedules():
+    return [AlDD]
