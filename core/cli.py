@@ -53,6 +53,7 @@ def edit(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + extra)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    width: int = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect)."),
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
@@ -65,11 +66,12 @@ def edit(
 
     reg = default_registry()
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
-                         model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed)
+                         model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
+                         width=width)
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
-    inp = prepare_input(image, pairs, mask)
+    inp = prepare_input(image, pairs, mask, width=width)
     for note in inp.warnings:
         typer.echo(f"warning: {note}", err=True)
     if dry_run:
@@ -92,7 +94,8 @@ def edit(
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
         try:
             result = editor.edit(image, inp, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
-                                 overrides=param, lora=lora, prompt=prompt, seed=seed, plugins=plugins)
+                                 overrides=param, lora=lora, prompt=prompt, seed=seed, width=width,
+                                 plugins=plugins)
         finally:
             if tracer:
                 tracer.close()
@@ -138,21 +141,15 @@ def _not_yet(what: str) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """(not implemented yet) Edit and score every sample of a benchmark."""
-    _not_yet("bench")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def score() -> None:
-    """(not implemented yet) Score a folder of results against a benchmark."""
-    _not_yet("score")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ui() -> None:
     """(not implemented yet) Interactive editor in the browser."""
     _not_yet("ui")
+
+
+from gooddrag.core.cli_bench import bench, score  # noqa: E402  (their options live with them)
+
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(score)
 
 
 def _silence_libraries() -> None:
@@ -168,6 +165,8 @@ def _silence_libraries() -> None:
 
         transformers.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
 

@@ -51,6 +51,7 @@ class EditConfig:
     dtype: str = "fp32"
     attention: str = "auto"
     seed: int = 0
+    width: int = 512
 
     def params(self, kind: str) -> Any:
         return getattr(self, f"{kind}_params")
@@ -126,6 +127,9 @@ def _check_runtime(runtime: Mapping[str, Any]) -> None:
     base, _, index = device.partition(":")
     if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
         raise ConfigError(f"--device {device!r} is not supported; use {DEVICES_HELP}")
+    width = runtime.get("width", 512)
+    if not isinstance(width, int) or width < 16 or width % 8:
+        raise ConfigError(f"--width {width!r}: the working width must be a multiple of 8, at least 16")
     seed = runtime.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed {seed!r} must be a non-negative integer")

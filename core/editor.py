@@ -54,20 +54,20 @@ class Editor:
         b = self.backbone
         runtime = dict(model=b.model_id, device=str(b.device), attention=b.attention,
                        dtype={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[b.dtype])
-        runtime.update({k: kwargs.pop(k) for k in ("vae", "lora", "seed") if k in kwargs})
+        runtime.update({k: kwargs.pop(k) for k in ("vae", "lora", "seed", "width") if k in kwargs})
         return resolve_config(self.registry, **kwargs, **runtime)
 
     def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",
              schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
              overrides: Sequence[str] | dict = (), lora: str = "auto", prompt: str = "", seed: int = 0,
-             plugins: Iterable[Any] = ()) -> EditResult:
+             width: int = 512, plugins: Iterable[Any] = ()) -> EditResult:
         """Drag ``points`` ([(handle_xy, target_xy), ...] in image px) in ``image``.
 
         ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
         """
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
-                          lora=lora, seed=seed)
-        inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask)
+                          lora=lora, seed=seed, width=width)
+        inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
         with _registered(self.registry.pm, plugins):
             return self._run(cfg, inp, prompt, list(inp.warnings))
 

@@ -92,6 +92,8 @@ def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
 
 def working_size(size: tuple[int, int], width: int = 512) -> tuple[int, int]:
     """Width 512, height int(512*h/w) rounded to a multiple of 8 (at least 8)."""
+    if width < 16 or width % 8:
+        raise BadInputError(f"--width {width}: the working width must be a multiple of 8, at least 16")
     w, h = size
     hh = int(width * h / w)
     return width, max(8, int(round(hh / 8)) * 8)
@@ -146,7 +148,8 @@ class EditInput:
         return out
 
 
-def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, what: str = "image") -> EditInput:
+def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width: int = 512,
+                  what: str = "image") -> EditInput:
     """Validate everything about the request (no model involved)."""
     img = load_image(image, what) if isinstance(image, (str, Path)) else image
     if not isinstance(img, Image.Image):
@@ -170,4 +173,4 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, what: 
                 raise BadInputError(f"mask has shape {arr.shape} but the image is {img.size[1]}x{img.size[0]} (HxW)")
         if not arr.any():
             notes.append("mask has no editable (white) pixel: the whole image is kept on the unedited trajectory")
-    return EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size), tuple(notes))
+    return EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), tuple(notes))

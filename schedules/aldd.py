@@ -69,7 +69,7 @@ class AlDD:
                     opt.step()
                     ev.step(t, b, steps, parts)
                     steps += 1
-                    if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
+                    if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
                         stop = "loss_threshold"
                         break
                 if stop and stop != "loss_threshold":

@@ -59,7 +59,7 @@ class SingleStep:
             ev.step(t, step, step, parts)
             ev.preview(t, step, z)
             done += 1
-            if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
+            if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
                 reason = "loss_threshold"
                 break
         ev.stopped(t, reason)

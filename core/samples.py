@@ -1,0 +1,24 @@
+"""The benchmark sample contract shared by dataset and metric plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+from PIL import Image
+
+from gooddrag.core.inputs import Pair
+
+
+@attrs.frozen(kw_only=True)
+class Sample:
+    """One benchmark item. Points are image pixels [x, y] of ``image``."""
+
+    id: str  # unique within the dataset, e.g. "cat_2" or "animals/JH_2023-09-14-1820-16"
+    group: str  # Drag100 content group / DragBench category
+    image: Image.Image  # RGB original
+    mask: np.ndarray | None  # (H, W) bool, True = editable
+    pairs: tuple[Pair, ...]  # ((hx, hy), (tx, ty)), ...
+    prompt: str = ""
+    path: Path | None = None  # the sample's folder

@@ -1,0 +1,74 @@
+"""Built-in dataset plugins (Drag100, DragBench) and the helpers they share.
+
+A dataset class has ``name``, a docstring, a frozen ``Params``, ``detect(folder) -> bool`` and
+``samples(folder)`` yielding :class:`gooddrag.core.samples.Sample` sorted by id. A malformed sample
+raises :class:`BadInputError` naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from gooddrag.core.errors import BadInputError
+from gooddrag.core.inputs import Pair
+
+
+def bad(sample_id: str, message: str) -> BadInputError:
+    """A BadInputError that names the sample first."""
+    return BadInputError(f"sample {sample_id!r}: {message}")
+
+
+def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
+    """Open an image fully (no lazy reads later) and convert it to ``mode``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise bad(sample_id, f"{path.name} is missing ({path})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise bad(sample_id, f"{path.name} is not a readable image ({type(exc).__name__})") from None
+
+
+def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]:
+    """``[[x, y], ...]`` alternating handle, target -> pairs of float tuples, checked."""
+    try:
+        coords = [(float(x), float(y)) for x, y in points]
+    except (TypeError, ValueError):
+        raise bad(sample_id, f"{where}: points are not a list of [x, y]") from None
+    if not coords:
+        raise bad(sample_id, f"{where}: no points")
+    if len(coords) % 2:
+        raise bad(sample_id, f"{where}: {len(coords)} points, an odd number (handle, target, ... expected)")
+    if not all(np.isfinite(c).all() for c in coords):
+        raise bad(sample_id, f"{where}: a point is not finite")
+    return tuple((coords[i], coords[i + 1]) for i in range(0, len(coords), 2))
+
+
+def check_pairs(pairs: Sequence[Pair], size: tuple[int, int], sample_id: str) -> None:
+    """Every point inside the image and no handle equal to its target."""
+    w, h = size
+    for i, pair in enumerate(pairs):
+        for role, (x, y) in zip(("handle", "target"), pair):
+            if not (0 <= x < w and 0 <= y < h):
+                raise bad(sample_id, f"{role} {i + 1} at ({x:g}, {y:g}) is outside the {w}x{h} image")
+        if tuple(pair[0]) == tuple(pair[1]):
+            raise bad(sample_id, f"pair {i + 1}: handle equals target at {pair[0]}")
+
+
+def check_mask(mask: np.ndarray, size: tuple[int, int], sample_id: str, what: str) -> np.ndarray:
+    """A (H, W) mask of the image's size -> bool (non-zero = editable)."""
+    w, h = size
+    if mask.ndim != 2 or mask.shape != (h, w):
+        raise bad(sample_id, f"{what} has shape {tuple(mask.shape)} but the image is {h}x{w} (HxW)")
+    return mask != 0
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """Visible sub-folders, sorted by name."""
+    return sorted((d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.name)
