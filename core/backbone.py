@@ -46,7 +46,7 @@ def cache_root() -> Path:
 
 def _hub_hint(what: str, name: str, flag: str) -> str:
     return (f"{what} {name!r} is not available locally and the hub cannot be reached; download it once "
-            f"(huggingface-cli download {name}) or pass a local copy with {flag} DIR")
+            f"(hf download {name}) or pass a local copy with {flag} DIR")
 
 
 class MutualSelfAttention:

@@ -1,15 +1,93 @@
-"""`gooddrag bench` and `gooddrag score` (placeholders until the evaluation lands)."""
+"""`gooddrag bench` and `gooddrag score` (typer command functions, registered by core/cli.py).
+
+The work is in :mod:`gooddrag.plugins.bench`; these functions only declare the options, refuse
+unknown ones, and print the summary table. See docs/evaluation.md.
+"""
 
 from __future__ import annotations
 
-from gooddrag.core.errors import GoodDragError
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from gooddrag.core.errors import BadInputError
 
 
-def bench() -> None:
-    """(not implemented yet) Edit and score every sample of a benchmark."""
-    raise GoodDragError("'gooddrag bench' is not implemented in this version; use 'gooddrag edit'")
+def _no_extra(ctx: typer.Context, command: str) -> None:
+    # core/cli.py registers these commands with ignore_unknown_options: refuse leftovers ourselves
+    if ctx.args:
+        raise BadInputError(f"unknown option or extra argument {ctx.args[0]!r}; see 'gooddrag {command} --help'")
 
 
-def score() -> None:
-    """(not implemented yet) Score a folder of results against a benchmark."""
-    raise GoodDragError("'gooddrag score' is not implemented in this version; use 'gooddrag edit'")
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+
+    from gooddrag.plugins.bench import summary_table
+
+    Console().print(summary_table(summary))
+    typer.echo(f"wrote {out}/results.csv, summary.json, report.md")
+
+
+def bench(
+    ctx: typer.Context,
+    dataset_dir: Path = typer.Argument(..., help="Benchmark folder (Drag100 or DragBench layout)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (samples/, results.csv, summary.json, report.md)."),
+    dataset: str = typer.Option("auto", "--dataset", help="drag100, dragbench or auto (detect the layout)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples (sorted by id)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: every n-th selected sample from i (0-based)."),
+    metrics: str = typer.Option("dai", "--metrics", help="Comma-separated metrics, e.g. dai,md,if."),
+    metric_param: List[str] = typer.Option([], "--metric-param", help="metric.field=value, e.g. dai.gammas=1,5 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Edit every sample again, even finished ones."),
+    runner: str = typer.Option("local", "--runner", help="How samples are spread over devices (local)."),
+    model: str = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", "--model",
+                              help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random."),
+    vae: str = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file."),
+    preset: str = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's)."),
+    tracker: Optional[str] = typer.Option(None, "--tracker", help="Point tracker (default: the preset's)."),
+    param: List[str] = typer.Option([], "-p", "--param", help="Override kind.field=value (schedule/loss/tracker/lora)."),
+    lora: str = typer.Option("auto", "--lora", help="auto (train once per image, cached), off, or a LoRA path."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + extra)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the same for every sample)."),
+    width: int = typer.Option(512, "--width", help="Working width in pixels (the method: 512)."),
+    prompts: bool = typer.Option(True, "--prompts/--no-prompts",
+                                 help="Edit with each sample's prompt (DragBench) or with the empty prompt."),
+) -> None:
+    """Edit every sample of a benchmark, score it, and write results.csv, summary.json and report.md."""
+    _no_extra(ctx, "bench")
+    if out is None:
+        raise BadInputError("--out DIR is required (where samples/, results.csv, summary.json and report.md go)")
+    from gooddrag.core.cli import _silence_libraries
+    from gooddrag.plugins.bench import BenchOptions, run_bench
+
+    _silence_libraries()
+    opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
+                        metric_params=tuple(metric_param), force=force, runner=runner, model=model, vae=vae,
+                        preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
+                        device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts)
+    summary = run_bench(opts, tty=sys.stderr.isatty())
+    _print_summary(summary, out)
+
+
+def score(
+    ctx: typer.Context,
+    results_dir: Path = typer.Argument(..., help="Results of any method: <id>/result.png (+ run.json), or <id>.png."),
+    dataset_dir: Path = typer.Argument(..., help="The benchmark folder the results belong to."),
+    dataset: str = typer.Option("auto", "--dataset", help="drag100, dragbench or auto (detect the layout)."),
+    metrics: str = typer.Option("dai", "--metrics", help="Comma-separated metrics, e.g. dai,md,if."),
+    metric_param: List[str] = typer.Option([], "--metric-param", help="metric.field=value, e.g. dai.gammas=1,5 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where results.csv, summary.json, report.md go (default: RESULTS_DIR)."),
+) -> None:
+    """Score a folder of results (any method) against a benchmark; missing results are counted."""
+    _no_extra(ctx, "score")
+    from gooddrag.core.cli import _silence_libraries
+    from gooddrag.plugins.bench import run_score
+
+    _silence_libraries()
+    summary = run_score(results_dir, dataset_dir, dataset=dataset, metrics=metrics, metric_params=metric_param, out=out)
+    _print_summary(summary, out or results_dir)

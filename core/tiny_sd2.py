@@ -12,7 +12,12 @@ helpers (same locally trained CLIP BPE tokenizer, same tiny VAE) and swaps in:
   (40, 80, 160, 160: head size 8 instead of 64), and cross-attention width 32 instead of 1024;
 - a CLIP text encoder with SD2's ``gelu`` activation (OpenCLIP ViT-H in SD2.1), 32 wide, 2 layers;
 - SD2's tokenizer padding token ``!``;
-- SD2.1's scheduler config: DDIM, scaled-linear betas 0.00085..0.012, ``v_prediction``.
+- SD2.1's scheduler config: DDIM, scaled-linear betas 0.00085..0.012, ``v_prediction``;
+- a VAE that behaves like a trained one where DIFT looks: the random VAE's posterior std is ~1
+  (its log-variance head outputs ~0) and its latents' std ~0.3, so a posterior sample would be
+  pure noise and t=261 noise would drown the image. The log-variance half of ``quant_conv`` gets
+  a bias of -20 (posterior std ~5e-5; a trained VAE's is tiny too) and ``scaling_factor`` is 3.0,
+  which brings the latents to about unit std (what SD's 0.18215 does for the real VAE).
 
 Everything is generated from a fixed seed; nothing is downloaded.
 """
@@ -57,6 +62,8 @@ TINY_SD2_CACHE_SUBDIR = "tiny-random-sd21-v1"
 SD21_HEADS = (5, 10, 20, 20)  # SD2.1's unet.config.attention_head_dim (= heads per block)
 TINY_SD2_CHANNELS = (40, 80, 160, 160)  # SD2.1's (320, 640, 1280, 1280) / 8
 SD2_PAD_TOKEN = "!"
+VAE_LOGVAR_BIAS = -20.0
+VAE_SCALING = 3.0
 
 
 def _sd2_unet():
@@ -138,6 +145,11 @@ def build_tiny_sd2_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
         with torch.no_grad():
             unet.conv_out.weight.mul_(UNET_OUT_SCALE)
             unet.conv_out.bias.zero_()
+    vae = comps["vae"]
+    with torch.no_grad():
+        half = vae.quant_conv.bias.shape[0] // 2  # output = [mean, logvar]
+        vae.quant_conv.bias[half:] = VAE_LOGVAR_BIAS
+    vae.register_to_config(scaling_factor=VAE_SCALING)
     comps.update(unet=unet.eval(), text_encoder=text_encoder.eval(), scheduler=_sd21_scheduler())
     pipe = StableDiffusionPipeline(
         **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False

@@ -27,7 +27,6 @@ from typing import Any, Iterator
 import attrs
 import numpy as np
 
-from gooddrag.core.errors import BadInputError
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.samples import Sample
 from gooddrag.plugins.datasets import bad, check_mask, check_pairs, pairs_from_flat, read_image, subfolders
@@ -221,9 +220,6 @@ class DragBench:
         check_pairs(pairs, image.size, sid)
         mask = check_mask(mask_arr, image.size, sid, f"{where} mask")
         return Sample(id=sid, group=category, image=image, mask=mask, pairs=pairs, prompt=prompt, path=d)
-
-
-__all__ = ["DragBench", "SafeUnpickler", "safe_load_pickle", "BadInputError"]
 
 
 @hookimpl

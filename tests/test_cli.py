@@ -1,0 +1,191 @@
+"""The command line: version, plugin table, dry-run, one-line errors before any model loads, and
+full edits on the tiny model with every output file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gooddrag.core import cli
+from gooddrag.core.editor import Editor
+
+BASE = ["-p", "schedule.num_inference_steps=10", "--lora", "off", "--width", "32", "--model", "tiny-random"]
+FAST = BASE + ["-p", "schedule.drag_timesteps=2", "-p", "schedule.drags_per_timestep=2"]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load during the test fails it: errors must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(Editor, "from_pretrained", classmethod(boom))
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip().startswith("gooddrag 0.")
+
+
+def test_plugins_params_lists_every_component_with_params(capsys):
+    code, out, _ = run(["plugins", "--params"], capsys)
+    assert code == 0
+    for name in ("aldd", "single-step", "info-preserving", "patch-following", "nearest", "tiny-random",
+                 "gooddrag-bench", "dragdiffusion-star", "drags_per_timestep = 10", "lam = 0.2", "radius = 12"):
+        assert name in out, name
+
+
+def test_dry_run_prints_config_with_override(img, capsys, no_model):
+    code, out, _ = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "-p", "loss.lam=0.1"], capsys)
+    assert code == 0
+    cfg = json.loads(out)
+    assert cfg["loss"] == "info-preserving" and cfg["loss_params"]["lam"] == 0.1
+    assert cfg["schedule_params"]["drag_timesteps"] == 7
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["-p", "loss.nope=1"], "loss.nope"),
+    (["-p", "loss.lam=abc"], "loss.lam"),
+    (["--schedule", "zzz"], "unknown schedule 'zzz'"),
+    (["--preset", "zzz"], "unknown preset 'zzz'"),
+    (["--dtype", "fp8"], "--dtype"),
+])
+def test_bad_config_is_one_line_without_traceback(img, capsys, no_model, extra, needle):
+    code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", *extra], capsys)
+    assert code != 0 and needle in err
+    assert err.count("error:") == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _bad_inputs(tmp_path, img):
+    (tmp_path / "odd.json").write_text(json.dumps({"points": [[1, 1], [2, 2], [3, 3]]}))
+    (tmp_path / "notimg.png").write_text("not an image")
+    Image.new("L", (10, 10)).save(tmp_path / "small_mask.png")
+    return [
+        ([tmp_path / "notimg.png", "--points", "1,1:5,5"], "not a readable image"),
+        ([tmp_path / "missing.png", "--points", "1,1:5,5"], "does not exist"),
+        ([img, "--points", "10,10:60,20"], "target 1 at (60, 20) is outside the 48x32 image"),
+        ([img, "--points", "-1,10:20,20"], "handle 1 at (-1, 10) is outside"),
+        ([img, "--points-file", tmp_path / "odd.json"], "odd number"),
+        ([img, "--points", "10,10:10,10"], "handle equals target"),
+        ([img, "--points", "10,10:20,20", "--mask", tmp_path / "small_mask.png"], "mask is 10x10 but the image is 48x32"),
+        ([img], "no points given"),
+        ([img, "--points", "10,10"], "HX,HY:TX,TY"),
+        ([img, "--points", "10,10:20,20", "--lora", tmp_path / "none.safetensors"], "--lora"),
+        ([img, "--points", "10,10:20,20"], "--out DIR is required"),
+    ]
+
+
+def test_bad_input_is_refused_before_any_model_loads(tmp_path, img, capsys, no_model):
+    for argv, needle in _bad_inputs(tmp_path, img):
+        extra = [] if "--out DIR" in needle else ["--out", tmp_path / "o"]
+        code, _, err = run(["edit", *argv, *extra], capsys)
+        lines = [l for l in err.strip().splitlines() if not l.startswith("warning:")]
+        assert code == 2, argv
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:"), (argv, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_offline_default_model_names_the_model_and_the_fix(img, tmp_path, capsys):
+    code, _, err = run(["edit", img, "--points", "10,10:20,20", "--lora", "off", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "--model DIR" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(img, capsys):
+    with pytest.raises(Exception):
+        cli.main(["--debug", "edit", str(img), "--points", "10,10:20,20", "--dry-run", "-p", "loss.nope=1"])
+
+
+def _edit(img, out, capsys, *extra, opts=FAST):
+    code, stdout, err = run(["edit", img, "--points", "8,8:30,20", *opts, "--out", out, *extra], capsys)
+    assert code == 0, err
+    return out
+
+
+def test_edit_writes_every_output(img, tmp_path, capsys):
+    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif")
+    assert sorted(p.name for p in out.iterdir()) == ["drag.gif", "points.png", "result.png", "run.json", "trace.jsonl"]
+    assert Image.open(out / "result.png").size == (48, 32)
+    assert Image.open(out / "points.png").size == (2 * 48 + 8, 32)
+    assert Image.open(out / "drag.gif").n_frames >= 2
+    run_json = json.loads((out / "run.json").read_text())
+    for key in ("config", "versions", "timings_s", "peak_memory_mb", "final_handles", "stop_reason", "device", "dtype"):
+        assert key in run_json, key
+    assert set(run_json["timings_s"]) == {"lora", "inversion", "reference", "drag", "finish", "decode"}
+    events = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert kinds == {"step", "track", "stop"}
+    step = next(e for e in events if e["event"] == "step")
+    assert set(step) == {"event", "timestep", "drag", "step", "loss", "motion", "preserve"}
+    track = next(e for e in events if e["event"] == "track")
+    assert set(track) == {"event", "timestep", "drag", "points"} and len(track["points"][0]) == 2
+    assert events[-1]["event"] == "stop" and events[-1]["reason"] in {"reached", "patience", "schedule_end"}
+    assert sum(e["event"] == "step" for e in events) == run_json["gradient_steps"]
+
+
+def test_strategies_change_the_trace_and_runs_are_byte_identical(img, tmp_path, capsys):
+    a = _edit(img, tmp_path / "a", capsys, "--trace")
+    b = _edit(img, tmp_path / "b", capsys, "--trace")
+    assert (a / "result.png").read_bytes() == (b / "result.png").read_bytes()
+    c = _edit(img, tmp_path / "c", capsys, "--trace", "--schedule", "single-step", "--loss", "patch-following",
+              "-p", "schedule.steps=5", opts=BASE)
+    d = _edit(img, tmp_path / "d", capsys, "--trace", "--preset", "dragdiffusion", "-p", "schedule.steps=5", opts=BASE)
+    traces = [(x / "trace.jsonl").read_text() for x in (a, c, d)]
+    assert len(set(traces)) == 3
+    assert {json.loads(l)["timestep"] for l in traces[1].splitlines()} != \
+           {json.loads(l)["timestep"] for l in traces[0].splitlines()}
+
+
+def test_failed_edit_leaves_no_partial_output(img, tmp_path, capsys, monkeypatch):
+    from gooddrag.core.backbone import StableDiffusionBackbone
+
+    def broken(self, z):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(StableDiffusionBackbone, "decode", broken)
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--trace", "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "decoder exploded" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "other.txt").write_text("x")
+    code, _, _ = run(["edit", img, "--points", "8,8:30,20", *FAST, "--trace", "--out", tmp_path / "keep"], capsys)
+    assert code == 1 and [p.name for p in (tmp_path / "keep").iterdir()] == ["other.txt"]
+
+
+def test_mask_and_points_file(img, tmp_path, capsys):
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[8, 8], [30, 20], [40, 25], [35, 10]]}))
+    m = np.zeros((32, 48), np.uint8)
+    m[:, :36] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    code, _, err = run(["edit", img, "--points-file", tmp_path / "p.json", "--mask", tmp_path / "mask.png", *FAST,
+                        "--out", tmp_path / "o", "--trace"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert len(r["final_handles"]) == 2 and r["warnings"] == []
+    preserve = [json.loads(l)["preserve"] for l in (tmp_path / "o" / "trace.jsonl").read_text().splitlines()
+                if '"step"' in l]
+    assert any(p > 0 for p in preserve)  # the mask term is on
+
+
+def test_handles_at_the_border_work(tmp_path, capsys):
+    from gooddrag.testing import random_image
+
+    img = tmp_path / "i.png"
+    random_image(32, 32).save(img)
+    code, _, err = run(["edit", img, "--points", "0,0:20,20", "--points", "31,31:10,31", *FAST,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+
+
+def test_unimplemented_commands_say_so(capsys):
+    code, _, err = run(["ui"], capsys)
+    assert code == 2 and "not implemented" in err
