@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 from gooddrag.core.errors import BadInputError
@@ -24,9 +25,11 @@ def _no_extra(ctx: typer.Context, command: str) -> None:
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
 
-    from gooddrag.plugins.bench import summary_table
+    from gooddrag.plugins.bench import counts_line, summary_table
 
-    Console().print(summary_table(summary))
+    typer.echo(counts_line(summary))
+    if any(summary["aggregate"]["overall"].values()):
+        Console().print(summary_table(summary))
     typer.echo(f"wrote {out}/results.csv, summary.json, report.md")
 
 
@@ -70,7 +73,12 @@ def bench(
                         metric_params=tuple(metric_param), force=force, runner=runner, model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
                         device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts)
-    summary = run_bench(opts, tty=sys.stderr.isatty())
+    try:
+        summary = run_bench(opts, tty=sys.stderr.isatty())
+    except KeyboardInterrupt as exc:
+        # typer turns a KeyboardInterrupt into a return value that main() does not pass on; an Abort
+        # reaches main() and becomes exit status 130 (run_bench already said how to resume)
+        raise click.exceptions.Abort() from exc
     _print_summary(summary, out)
 
 

@@ -886,6 +886,14 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     return summary
 
 
+def counts_line(summary: dict) -> str:
+    c = summary["counts"]
+    line = f"{c['ok']} ok, {c['failed']} failed, {c['missing']} missing of {c['total']} samples"
+    if summary.get("command") == "bench":
+        line += f" (edited now {c['edited']}, resumed {c['skipped']})"
+    return line
+
+
 def summary_table(summary: dict) -> Any:
     """A rich Table of the overall aggregates (and per group when there are few groups)."""
     from rich.table import Table
@@ -893,9 +901,7 @@ def summary_table(summary: dict) -> Any:
     agg = summary["aggregate"]
     groups = list(agg["by_group"])
     show_groups = groups if 1 < len(groups) <= 6 else []
-    c = summary["counts"]
-    table = Table("metric", "all", *show_groups,
-                  title=f"{c['ok']} ok, {c['failed']} failed, {c['missing']} missing of {c['total']}")
+    table = Table("metric", "all", *show_groups)
     for name, vals in agg["overall"].items():
         for k, v in vals.items():
             table.add_row(k, _md_num(v), *(_md_num(agg["by_group"][g].get(name, {}).get(k)) for g in show_groups))

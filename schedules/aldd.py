@@ -47,8 +47,12 @@ class AlDD:
         still_moving = 0  # consecutive post-drag tracking events with no point moving (not reset, Q5)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
-        for k in indices:
+        for k in range(indices[0], indices[-1] + 1):
             t = ctx.timesteps[k]
+            if k not in indices:  # a subclass may drag on some timesteps only: just denoise the others
+                with torch.no_grad():
+                    z = ctx.backbone.ddim_step(z, ctx.forward(z, t)[0], t)
+                continue
             z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
             opt = make_optimizer(z, P.lr)
             ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)

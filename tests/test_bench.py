@@ -27,6 +27,17 @@ FAST = ["--model", "tiny-random", "--lora", "off", "--device", "cpu", "--width",
 FAIL_SIZE = (48, 12)  # the sample with this image size fails in the tests that inject a failure
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from threads, and oversubscribed CPUs make it 10x slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def d100(tmp_path) -> Path:
     root = tmp_path / "d100"
