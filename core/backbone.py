@@ -174,7 +174,9 @@ class StableDiffusionBackbone:
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted noise, fp32, same shape as z."""
-        return self._unet(z, t)
+        eps = self._unet(z, t)
+        self._captured = None  # features not wanted: don't keep the map alive
+        return eps
 
     def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet pass: eps (1, 4, h, w) fp32 and features (1, C, 4h, 4w) (or (1, C, h', w') raw)."""

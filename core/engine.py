@@ -70,18 +70,17 @@ class Reference:
         self.prev: dict[int, torch.Tensor] = {}
         self._lowres: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, torch.Tensor] | None = None
+        assert indices, "a schedule must drag on at least one timestep"
         z = z_start
-        last = max(indices) if indices else indices
         with torch.no_grad():
-            for k in range(min(indices), last + 1) if indices else ():
+            for k in range(min(indices), max(indices) + 1):
                 t = timesteps[k]
                 self.latents[k] = z
                 eps, feats = backbone.eps_and_features(z, t, upsample=False)
                 self._lowres[t] = feats
                 z = backbone.ddim_step(z, eps, t)
                 self.prev[t] = z
-            if indices:
-                self.latents[last + 1] = z
+            self.latents[max(indices) + 1] = z
 
     def features(self, t: int) -> torch.Tensor:
         """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached."""

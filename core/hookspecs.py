@@ -61,8 +61,9 @@ def gooddrag_register_backbones() -> list[type]:
 
 @hookspec
 def gooddrag_register_metrics() -> list[type]:
-    """Called once at start-up. Return metric classes: ``Params``, ``requires(params)`` (checked
-    before a run starts) and ``score(sample, result_image, final_points) -> dict``."""
+    """Called once at start-up. Return metric classes: ``Params``, ``check()`` (raises
+    RequirementError before a run starts when a weight, package or key is missing),
+    ``score(sample, result_image, final_points) -> dict`` and ``aggregate(rows) -> dict``."""
 
 
 @hookspec

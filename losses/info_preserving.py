@@ -33,14 +33,18 @@ class InfoPreserving:
     def __init__(self, params: "InfoPreserving.Params"):
         self.params = params
         self.weight = float((2 * params.patch_radius) ** 2)  # 64 for r1=4: the public code's weight
+        self._target: tuple[torch.Tensor, torch.Tensor] | None = None  # (F0_t, its patches at p_i0)
 
     def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor, eps: torch.Tensor,
                  points: Points) -> LossParts:
         P = self.params
         step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
-        target = crop_patches(ctx.reference.features(t), points.handles0, P.patch_radius)  # (N, C, k, k)
+        ref = ctx.reference.features(t)  # (1, C, H/2, W/2), the same tensor for the whole timestep
+        if self._target is None or self._target[0] is not ref:  # crop once per timestep, not per step
+            self._target = (ref, crop_patches(ref, points.handles0, P.patch_radius).float())
+        target = self._target[1]  # (N, C, k, k) reference patches at the original handles
         moving = sample_patches(feats, points.handles + step, P.patch_radius).float()  # (N, C, k, k)
-        terms = self.weight * (target.float() - moving).abs().mean(dim=(1, 2, 3))  # (N,)
+        terms = self.weight * (target - moving).abs().mean(dim=(1, 2, 3))  # (N,)
         motion = (terms * (dist >= P.skip_distance)).sum()
         preserve = ctx.preservation(z, eps, t) if P.lam else z.new_zeros(())
         return LossParts(motion + P.lam * preserve, motion, preserve)
