@@ -27,6 +27,16 @@ SIZE = 256  # image side; the 64x64 textured object sits in the middle
 OBJ = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tensors here are small: one intra-op thread is as fast, and far faster when other
+    processes share the 2 cores (OpenMP threads spin-wait under oversubscription)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -43,22 +53,22 @@ def metric(tiny_dir):
     return MeanDistance(MeanDistance.Params(model=str(tiny_dir), device="cpu", ensemble=2, batch=2))
 
 
-def scene(dx: int = 0, dy: int = 0) -> Image.Image:
+def scene(dx: int = 0, dy: int = 0, size: int = SIZE) -> Image.Image:
     """Grey canvas with a 64x64 random texture of 8 px blocks (unique features), moved by (dx, dy)."""
     rng = np.random.default_rng(0)
     tex = np.kron(rng.integers(0, 256, (OBJ // 8, OBJ // 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
-    img = np.full((SIZE, SIZE, 3), 128, np.uint8)
-    o = (SIZE - OBJ) // 2
+    img = np.full((size, size, 3), 128, np.uint8)
+    o = (size - OBJ) // 2
     img[o + dy:o + dy + OBJ, o + dx:o + dx + OBJ] = tex
     return Image.fromarray(img)
 
 
-O = (SIZE - OBJ) // 2
+OFS = (SIZE - OBJ) // 2
 # Handles on block centres inside the object; targets anywhere.
 PAIRS = (
-    ((O + 12.0, O + 12.0), (200.0, 30.0)),
-    ((O + 28.0, O + 20.0), (40.0, 220.0)),
-    ((O + 20.0, O + 44.0), (O + 60.0, O + 44.0)),
+    ((OFS + 12.0, OFS + 12.0), (200.0, 30.0)),
+    ((OFS + 28.0, OFS + 20.0), (40.0, 220.0)),
+    ((OFS + 20.0, OFS + 44.0), (OFS + 60.0, OFS + 44.0)),
 )
 
 
@@ -138,24 +148,26 @@ def test_unedited_result_matches_handles_default_protocol(tiny_dir):
     best match is the handle itself, so MD = mean |handle - target|."""
     m = MeanDistance(MeanDistance.Params(model=str(tiny_dir), device="cpu"))
     assert (m.params.t, m.params.up_block, m.params.ensemble, m.params.posterior) == (261, 1, 8, "sample")
-    s = sample()
-    got = m.matches(s, scene())
-    assert [mt for mt, _ in got] == [(int(h[0]), int(h[1])) for h, _ in PAIRS]
-    want = [dist(h, t) for h, t in PAIRS]
-    row = m.score(s, scene(), None)
+    d = (SIZE - 128) // 2  # a 128 px version of the scene (cheaper), same object and handles
+    pairs = tuple(((hx - d, hy - d), (tx / 2, ty / 2)) for (hx, hy), (tx, ty) in PAIRS)
+    s = Sample(id="cat_1", group="animals", image=scene(size=128), mask=None, pairs=pairs, prompt="a cat")
+    got = m.matches(s, scene(size=128))
+    assert [mt for mt, _ in got] == [(int(h[0]), int(h[1])) for h, _ in pairs]
+    want = [dist(h, t) for h, t in pairs]
+    row = m.score(s, scene(size=128), None)
     assert row == pytest.approx({"md": sum(want) / 3, "md_sum": sum(want), "md_pairs": 3.0})
     feats = m.features(s.image, s.prompt)
-    assert feats.shape == (160, SIZE // 16, SIZE // 16)  # up_blocks[1] of the SD2.1 shape, 1/16 res
+    assert feats.shape == (160, 128 // 16, 128 // 16)  # up_blocks[1] of the SD2.1 shape, 1/16 res
 
 
 def test_batching_does_not_change_features(tiny_dir, metric):
-    a = metric.features(scene(), "a photo of a cat")
+    img = scene(size=128)  # cheaper
+    a = metric.features(img, "a photo of a cat")
     other = MeanDistance(MeanDistance.Params(model=str(tiny_dir), device="cpu", ensemble=2, batch=1))
-    b = other.features(scene(), "a photo of a cat")
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # seeded: a fresh metric gives the same map; another seed a different one
+    torch.testing.assert_close(a, other.features(img, "a photo of a cat"), rtol=1e-4, atol=1e-5)
+    # seeded: another seed gives another map
     c = MeanDistance(MeanDistance.Params(model=str(tiny_dir), device="cpu", ensemble=2, seed=1))
-    assert not torch.allclose(a, c.features(scene(), "a photo of a cat"))
+    assert not torch.allclose(a, c.features(img, "a photo of a cat"))
 
 
 @pytest.mark.parametrize("shift", [(64, 0), (0, 64)])
@@ -223,7 +235,7 @@ def test_check_refuses_missing_weights_offline(tmp_path, monkeypatch):
         MeanDistance().check()
     msg = _one_line(exc)
     assert "stabilityai/stable-diffusion-2-1" in msg and "HF_HUB_OFFLINE" in msg
-    assert "-p md.model=DIR" in msg and "huggingface-cli download" in msg
+    assert "-p md.model=DIR" in msg and "hf download" in msg
 
 
 def test_check_refuses_when_hub_unreachable(tmp_path, monkeypatch):
@@ -264,3 +276,26 @@ def test_check_refuses_non_diffusers_folder(tmp_path):
     with pytest.raises(RequirementError) as exc:
         MeanDistance(MeanDistance.Params(model=str(tmp_path))).check()
     assert "not a diffusers model folder" in _one_line(exc)
+
+
+def test_contract_suite(tiny_dir):
+    """gooddrag.testing's metric contract: with the defaults (refused offline, one line) and with
+    the tiny model as the default (scored)."""
+    import attrs
+
+    from gooddrag.core.params import p
+    from gooddrag.testing import check_component, check_metric
+
+    check_component("metric", MeanDistance)
+
+    class TinyMD(MeanDistance):
+        """MD on the tiny SD2.1-shaped model."""
+
+        @attrs.frozen(kw_only=True)
+        class Params(MeanDistance.Params):
+            model: str = p(str(tiny_dir), "tiny model")
+            device: str = p("cpu", "device")
+            ensemble: int = p(2, "copies")
+
+    s = Sample(id="c", group="g", image=scene(size=128), mask=None, pairs=(((60.0, 60.0), (70.0, 64.0)),))
+    check_metric(TinyMD, s, scene(8, 0, size=128))

@@ -191,14 +191,13 @@ class MeanDistance:
         else:
             return  # it will be downloaded on first use
         raise RequirementError(f"md: DIFT model {model!r} is not in the local Hugging Face cache and {why}; "
-                               f"{hint} or download it once (huggingface-cli download {model})")
+                               f"{hint} or download it once (hf download {model})")
 
     # --- models ---------------------------------------------------------------------------------
 
     def _load(self) -> dict[str, Any]:
         if self._models is not None:
             return self._models
-        import torch
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from diffusers.utils import deprecation_utils
         import transformers
@@ -238,6 +237,8 @@ class MeanDistance:
         import torch
 
         if prompt not in self._text:
+            if len(self._text) >= 64:  # a dataset has one prompt per sample: keep memory bounded
+                self._text.clear()
             m = self._models
             tok = m["tokenizer"]
             ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -338,7 +339,7 @@ class MeanDistance:
             vecs = source_vectors(src, handles_rc, (H, W))
             best, _ = cosine_argmax(vecs, res, (H, W))
         out = []
-        for (r, c), (_, (tx, ty)) in zip(best, pairs):
+        for (r, c), (_, (tx, ty)) in zip(best, pairs, strict=True):
             out.append(((c, r), math.hypot(c - tx, r - ty)))
         return out
 
