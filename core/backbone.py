@@ -109,7 +109,7 @@ class StableDiffusionBackbone:
         self.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         self.prompt = ""
-        self.lora_key: str | None = None
+        self.vae_id = "auto"  # what --vae asked for, recorded in the config
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -121,15 +121,17 @@ class StableDiffusionBackbone:
         backend = check_attention(attention, dev)
         pipe = _load_pipeline(model, tdtype)
         _swap_vae(pipe, model, vae, tdtype)
-        return cls._finish(pipe, dev, tdtype, backend, model)
+        return cls._finish(pipe, dev, tdtype, backend, model, vae)
 
     @classmethod
-    def _finish(cls, pipe: Any, dev: torch.device, tdtype: torch.dtype, backend: str, model: str):
+    def _finish(cls, pipe: Any, dev: torch.device, tdtype: torch.dtype, backend: str, model: str, vae: str = "auto"):
         pipe.set_progress_bar_config(disable=True)
         pipe.to(dev)
         if backend == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
-        return cls(pipe, device=dev, dtype=tdtype, attention=backend, model_id=model)
+        backbone = cls(pipe, device=dev, dtype=tdtype, attention=backend, model_id=model)
+        backbone.vae_id = vae
+        return backbone
 
     # --- sampler ------------------------------------------------------------------------------
 
@@ -405,4 +407,4 @@ class TinyRandomBackbone(StableDiffusionBackbone):
         pipe = load_tiny_pipeline(torch_dtype=tdtype)
         if vae not in ("auto", "model"):  # an explicit VAE is honoured for the tiny model too
             _swap_vae(pipe, model, vae, tdtype)
-        return cls._finish(pipe, dev, tdtype, backend, "tiny-random")
+        return cls._finish(pipe, dev, tdtype, backend, "tiny-random", vae)

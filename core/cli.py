@@ -12,6 +12,7 @@ import click
 import typer
 
 import gooddrag
+from gooddrag.core import cli_options as O
 from gooddrag.core.errors import BadInputError, GoodDragError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,24 +40,23 @@ def edit(
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
     points_file: Optional[Path] = typer.Option(None, "--points-file", help='{"points": [[x,y],...]}: handle, target, ...'),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
-    model: str = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", "--model",
-                              help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random."),
-    vae: str = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file."),
-    preset: str = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's)."),
-    tracker: Optional[str] = typer.Option(None, "--tracker", help="Point tracker (default: the preset's)."),
-    param: List[str] = typer.Option([], "-p", "--param", help="Override kind.field=value (schedule/loss/tracker/lora)."),
-    lora: str = typer.Option("auto", "--lora", help="auto (train once, cached), off, or a LoRA path."),
+    model: str = O.MODEL,
+    vae: str = O.VAE,
+    preset: str = O.PRESET,
+    schedule: Optional[str] = O.SCHEDULE,
+    loss: Optional[str] = O.LOSS,
+    tracker: Optional[str] = O.TRACKER,
+    param: List[str] = O.PARAM,
+    lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
-    attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + extra)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    width: int = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect)."),
+    device: str = O.DEVICE,
+    dtype: str = O.DTYPE,
+    attention: str = O.ATTENTION,
+    seed: int = O.SEED,
+    width: int = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    out: Optional[Path] = O.OUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
 ) -> None:
     """Drag the content at each handle to its target."""
@@ -148,8 +148,8 @@ def ui() -> None:
 
 from gooddrag.core.cli_bench import bench, score  # noqa: E402  (their options live with them)
 
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
-app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(score)
+app.command()(bench)
+app.command()(score)
 
 
 def _silence_libraries() -> None:
@@ -176,14 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="gooddrag", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as exc:
+        rv = app(args=args, prog_name="gooddrag", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0  # typer returns 130 for a Ctrl-C it caught
+    except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, click.exceptions.Abort):
         typer.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
@@ -197,6 +194,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # a usage error of typer's click
+            command = next((a for a in args if not a.startswith("-")), "")
+            typer.echo(f"error: {exc.format_message()}; see 'gooddrag {command} --help'".replace("  ", " "), err=True)
+            return exc.exit_code
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         return 1
 

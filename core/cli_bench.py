@@ -13,13 +13,8 @@ from typing import List, Optional
 import click
 import typer
 
+from gooddrag.core import cli_options as O
 from gooddrag.core.errors import BadInputError
-
-
-def _no_extra(ctx: typer.Context, command: str) -> None:
-    # core/cli.py registers these commands with ignore_unknown_options: refuse leftovers ourselves
-    if ctx.args:
-        raise BadInputError(f"unknown option or extra argument {ctx.args[0]!r}; see 'gooddrag {command} --help'")
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -29,12 +24,12 @@ def _print_summary(summary: dict, out: Path) -> None:
 
     typer.echo(counts_line(summary))
     if any(summary["aggregate"]["overall"].values()):
-        Console().print(summary_table(summary))
+        table = summary_table(summary)
+        Console(width=max(Console().width, 20 + 10 * len(table.columns))).print(table)
     typer.echo(f"wrote {out}/results.csv, summary.json, report.md")
 
 
 def bench(
-    ctx: typer.Context,
     dataset_dir: Path = typer.Argument(..., help="Benchmark folder (Drag100 or DragBench layout)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (samples/, results.csv, summary.json, report.md)."),
     dataset: str = typer.Option("auto", "--dataset", help="drag100, dragbench or auto (detect the layout)."),
@@ -44,25 +39,23 @@ def bench(
     metric_param: List[str] = typer.Option([], "--metric-param", help="metric.field=value, e.g. dai.gammas=1,5 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Edit every sample again, even finished ones."),
     runner: str = typer.Option("local", "--runner", help="How samples are spread over devices (local)."),
-    model: str = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", "--model",
-                              help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random."),
-    vae: str = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file."),
-    preset: str = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's)."),
-    tracker: Optional[str] = typer.Option(None, "--tracker", help="Point tracker (default: the preset's)."),
-    param: List[str] = typer.Option([], "-p", "--param", help="Override kind.field=value (schedule/loss/tracker/lora)."),
-    lora: str = typer.Option("auto", "--lora", help="auto (train once per image, cached), off, or a LoRA path."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
-    attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + extra)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (the same for every sample)."),
-    width: int = typer.Option(512, "--width", help="Working width in pixels (the method: 512)."),
+    model: str = O.MODEL,
+    vae: str = O.VAE,
+    preset: str = O.PRESET,
+    schedule: Optional[str] = O.SCHEDULE,
+    loss: Optional[str] = O.LOSS,
+    tracker: Optional[str] = O.TRACKER,
+    param: List[str] = O.PARAM,
+    lora: str = O.LORA,
+    device: str = O.DEVICE,
+    dtype: str = O.DTYPE,
+    attention: str = O.ATTENTION,
+    seed: int = O.SEED,
+    width: int = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
                                  help="Edit with each sample's prompt (DragBench) or with the empty prompt."),
 ) -> None:
     """Edit every sample of a benchmark, score it, and write results.csv, summary.json and report.md."""
-    _no_extra(ctx, "bench")
     if out is None:
         raise BadInputError("--out DIR is required (where samples/, results.csv, summary.json and report.md go)")
     from gooddrag.core.cli import _silence_libraries
@@ -83,7 +76,6 @@ def bench(
 
 
 def score(
-    ctx: typer.Context,
     results_dir: Path = typer.Argument(..., help="Results of any method: <id>/result.png (+ run.json), or <id>.png."),
     dataset_dir: Path = typer.Argument(..., help="The benchmark folder the results belong to."),
     dataset: str = typer.Option("auto", "--dataset", help="drag100, dragbench or auto (detect the layout)."),
@@ -92,7 +84,6 @@ def score(
     out: Optional[Path] = typer.Option(None, "--out", help="Where results.csv, summary.json, report.md go (default: RESULTS_DIR)."),
 ) -> None:
     """Score a folder of results (any method) against a benchmark; missing results are counted."""
-    _no_extra(ctx, "score")
     from gooddrag.core.cli import _silence_libraries
     from gooddrag.plugins.bench import run_score
 

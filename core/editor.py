@@ -52,9 +52,9 @@ class Editor:
 
     def config(self, **kwargs: Any) -> EditConfig:
         b = self.backbone
-        runtime = dict(model=b.model_id, device=str(b.device), attention=b.attention,
+        runtime = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device), attention=b.attention,
                        dtype={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[b.dtype])
-        runtime.update({k: kwargs.pop(k) for k in ("vae", "lora", "seed", "width") if k in kwargs})
+        runtime.update({k: kwargs.pop(k) for k in ("lora", "seed", "width") if k in kwargs})
         return resolve_config(self.registry, **kwargs, **runtime)
 
     def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",

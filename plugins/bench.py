@@ -79,6 +79,10 @@ def open_dataset(registry: Registry, folder: Path, name: str = "auto") -> tuple[
         raise BadInputError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
     if name and name != "auto":
         cls = registry.get("dataset", name)
+        if not cls.detect(folder):
+            doc = (cls.__doc__ or "").strip().splitlines()
+            raise BadInputError(f"{str(folder)!r} does not look like a {name} folder"
+                                + (f" ({doc[0].rstrip('.')})" if doc else "") + "; check the path or --dataset")
     else:
         found = [cls for _, cls in registry.items("dataset") if cls.detect(folder)]
         if not found:
@@ -296,12 +300,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def results_csv(rows: Sequence[dict], metrics: Sequence[Any]) -> str:
+def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = True) -> str:
     keys = metric_keys(rows, metrics)
     phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
     phases += sorted({p for r in rows for p in r["timings"]} - set(phases))
     header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys] + ["final_handles", "time_total_s"]
-              + [f"time_{p}_s" for p in phases] + ["resumed"])
+              + [f"time_{p}_s" for p in phases] + (["resumed"] if resumed else []))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -311,7 +315,7 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any]) -> str:
                    + [_fmt(r["scores"].get(m, {}).get(k)) for m, k in keys]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       _fmt(round(sum(t.values()), 4)) if t else ""]
-                   + [_fmt(t.get(p)) for p in phases] + [str(r["resumed"]).lower()])
+                   + [_fmt(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else []))
     return buf.getvalue()
 
 
@@ -361,7 +365,7 @@ def build_summary(rows: list[dict], metrics: Sequence[Any], *, command: str, dat
 
 def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: dict) -> None:
     """results.csv and summary.json, each atomically."""
-    atomic_write_text(out / "results.csv", results_csv(rows, metrics))
+    atomic_write_text(out / "results.csv", results_csv(rows, metrics, resumed=summary.get("command") == "bench"))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
@@ -526,6 +530,12 @@ def _plots(out: Path, rows: list[dict], metrics: Sequence[Any], keys: list[tuple
     return plots
 
 
+def _thumb(im: Image.Image, width: int = 360) -> Image.Image:
+    if im.size[0] <= width:
+        return im
+    return im.resize((width, max(1, round(im.size[1] * width / im.size[0]))), Image.LANCZOS)
+
+
 def _grid(out: Path, picks: list[tuple[str, dict]], samples: dict[str, Sample], name: str, key: str) -> Path | None:
     from matplotlib.figure import Figure
 
@@ -541,8 +551,8 @@ def _grid(out: Path, picks: list[tuple[str, dict]], samples: dict[str, Sample], 
             continue
         handles = [list(h) for h, _ in s.pairs]
         targets = [list(t) for _, t in s.pairs]
-        left = draw_points(s.image, handles, targets)
-        right = draw_points(res, handles, targets, r["final_handles"])
+        left = _thumb(draw_points(s.image, handles, targets))
+        right = _thumb(draw_points(res, handles, targets, r["final_handles"]))
         panels.append((f"{label}: {r['id']}  {key}={r['scores'][name][key]:.4g}", left, right))
     if not panels:
         return None
@@ -899,9 +909,10 @@ def summary_table(summary: dict) -> Any:
     from rich.table import Table
 
     agg = summary["aggregate"]
-    groups = list(agg["by_group"])
+    groups = [g for g, vals in agg["by_group"].items() if any(vals.values())]
     show_groups = groups if 1 < len(groups) <= 6 else []
     table = Table("metric", "all", *show_groups)
+    table.columns[0].no_wrap = True
     for name, vals in agg["overall"].items():
         for k, v in vals.items():
             table.add_row(k, _md_num(v), *(_md_num(agg["by_group"][g].get(name, {}).get(k)) for g in show_groups))

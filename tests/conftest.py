@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Every model in the suite is tiny: one intra-op thread is as fast, and far faster when other
+    processes share the 2 cores (OpenMP threads spin-wait under oversubscription)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     """Keep the tiny model and LoRA caches out of $HOME."""
     path = tmp_path_factory.mktemp("gooddrag-cache")

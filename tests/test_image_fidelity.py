@@ -30,15 +30,6 @@ from gooddrag.plugins.metrics import image_fidelity as if_mod
 from gooddrag.plugins.metrics.image_fidelity import ImageFidelity
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are small: one intra-op thread is as fast, and far faster when other
-    processes share the 2 cores (OpenMP threads spin-wait under oversubscription)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def noise_image(w=96, h=64, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -213,7 +204,7 @@ def test_check_alexnet_weights(tmp_path, monkeypatch):
     with pytest.raises(RequirementError) as exc:
         ImageFidelity().check()
     msg = str(exc.value)
-    assert "\n" not in msg and "-p if.alexnet=PATH" in msg and "alexnet-owt-7be5be79.pth" in msg
+    assert "\n" not in msg and "--metric-param if.alexnet=PATH" in msg and "alexnet-owt-7be5be79.pth" in msg
     with pytest.raises(RequirementError, match="no such file"):
         ImageFidelity(ImageFidelity.Params(alexnet=str(tmp_path / "missing.pth"))).check()
     weights = tmp_path / "alex.pth"

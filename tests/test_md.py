@@ -27,15 +27,6 @@ SIZE = 256  # image side; the 64x64 textured object sits in the middle
 OBJ = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are small: one intra-op thread is as fast, and far faster when other
-    processes share the 2 cores (OpenMP threads spin-wait under oversubscription)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -235,7 +226,7 @@ def test_check_refuses_missing_weights_offline(tmp_path, monkeypatch):
         MeanDistance().check()
     msg = _one_line(exc)
     assert "stabilityai/stable-diffusion-2-1" in msg and "HF_HUB_OFFLINE" in msg
-    assert "-p md.model=DIR" in msg and "hf download" in msg
+    assert "--metric-param md.model=DIR" in msg and "hf download" in msg
 
 
 def test_check_refuses_when_hub_unreachable(tmp_path, monkeypatch):
@@ -245,7 +236,7 @@ def test_check_refuses_when_hub_unreachable(tmp_path, monkeypatch):
     with pytest.raises(RequirementError) as exc:
         MeanDistance().check()
     msg = _one_line(exc)
-    assert "cannot be reached" in msg and "-p md.model=DIR" in msg
+    assert "cannot be reached" in msg and "--metric-param md.model=DIR" in msg
 
 
 def test_check_accepts_hub_cache_offline(tmp_path, monkeypatch):
@@ -269,7 +260,7 @@ def test_check_accepts_hub_cache_offline(tmp_path, monkeypatch):
 def test_check_refuses_bad_model_values(model):
     with pytest.raises(RequirementError) as exc:
         MeanDistance(MeanDistance.Params(model=model)).check()
-    assert "-p md.model=DIR" in _one_line(exc)
+    assert "--metric-param md.model=DIR" in _one_line(exc)
 
 
 def test_check_refuses_non_diffusers_folder(tmp_path):

@@ -120,6 +120,7 @@ class GScore:
     API key. Higher is better."""
 
     name = "gscore"
+    higher_is_better = True
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -181,10 +182,10 @@ class GScore:
                 import google.genai  # noqa: F401
             except Exception as exc:
                 raise RequirementError(f"gscore: the google-genai SDK cannot be imported ({type(exc).__name__}); "
-                                       "pip install 'gooddrag[gscore]', or use -p gscore.backend=openai") from None
+                                       "pip install 'gooddrag[gscore]', or use --metric-param gscore.backend=openai") from None
         else:
             if not self.model:
-                raise RequirementError("gscore: the openai backend needs the judge model: -p gscore.model=NAME")
+                raise RequirementError("gscore: the openai backend needs the judge model: --metric-param gscore.model=NAME")
             url = prm.base_url or DEFAULT_OPENAI_URL
             if not url.startswith(("http://", "https://")):
                 raise RequirementError(f"gscore.base_url={url!r} must be an http(s) URL such as http://host:port/v1")
@@ -192,7 +193,7 @@ class GScore:
             envs = " or ".join(self._key_envs())
             extra = " (any non-empty value for a server without authentication)" if prm.backend == "openai" else ""
             raise RequirementError(f"gscore: no API key for the {prm.backend} backend: set {envs}{extra}, "
-                                   "or name another variable with -p gscore.api_key_env=VAR")
+                                   "or name another variable with --metric-param gscore.api_key_env=VAR")
 
     # --- backends -------------------------------------------------------------------------------
 
@@ -270,7 +271,7 @@ class GScore:
             raise RequirementError(f"gscore: {where} refused the key from {' or '.join(self._key_envs())} "
                                    f"(HTTP {code}: {_first_line(detail)}); check the key")
         raise GoodDragError(f"gscore: {where} answered HTTP {code}: {_first_line(detail)}; "
-                            "check -p gscore.model and gscore.base_url")
+                            "check --metric-param gscore.model and gscore.base_url")
 
     def _ask(self, image_png: bytes) -> tuple[str, Any, int]:
         """One rating request with retries: (reply text, raw response, attempts)."""

@@ -7,10 +7,10 @@ scaled to [-1, 1], resized to 224 x 224 (bilinear, align_corners=False) and comp
 Requirements: the maintained ``lpips`` package (``pip install 'gooddrag[lpips]'``) with a
 torchvision that matches the installed torch, and torchvision's ImageNet AlexNet weights, either
 in torch's hub cache (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``, downloaded by
-torchvision on first use when online) or given with ``-p if.alexnet=PATH``. LPIPS's own linear
+torchvision on first use when online) or given with ``--metric-param if.alexnet=PATH``. LPIPS's own linear
 layers ship inside the lpips package.
 
-Injection point: ``-p if.net_factory=module:function`` replaces LPIPS with the callable that
+Injection point: ``--metric-param if.net_factory=module:function`` replaces LPIPS with the callable that
 ``function()`` returns, ``(x0, x1) -> distance`` on (1, 3, S, S) tensors in [-1, 1]; the tests
 use it to run this metric's own code without torchvision.
 """
@@ -119,6 +119,7 @@ class ImageFidelity:
     evaluation). Needs the lpips package and AlexNet weights. Higher is better."""
 
     name = "if"
+    higher_is_better = True
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -159,7 +160,7 @@ class ImageFidelity:
         else:
             return  # torchvision downloads it on first use
         raise RequirementError(f"if: AlexNet weights are not in {cached.parent} and {why}; pass "
-                               f"-p if.alexnet=PATH (torchvision's {ALEXNET_FILE}) or put that file there")
+                               f"--metric-param if.alexnet=PATH (torchvision's {ALEXNET_FILE}) or put that file there")
 
     # --- model ----------------------------------------------------------------------------------
 

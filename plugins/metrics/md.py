@@ -146,6 +146,7 @@ class MeanDistance:
     result to its target, pooled over all pairs of all images. Needs SD2.1 weights. Lower is better."""
 
     name = "md"
+    higher_is_better = False
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -173,7 +174,7 @@ class MeanDistance:
         """Refuse (one line) when the DIFT model can be neither read locally nor downloaded."""
         model = self.params.model
         path = Path(model).expanduser()
-        hint = "pass -p md.model=DIR (a diffusers Stable Diffusion 2.1 folder)"
+        hint = "pass --metric-param md.model=DIR (a diffusers Stable Diffusion 2.1 folder)"
         if path.is_dir():
             if not _is_diffusers_folder(path):
                 raise RequirementError(f"md: {model!r} is not a diffusers model folder (needs "
@@ -223,7 +224,7 @@ class MeanDistance:
             scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **local)
         except Exception as exc:  # hub / file errors of diffusers and transformers
             raise ModelNotFoundError(f"md: cannot load DIFT model {prm.model!r} ({type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else ''}); pass -p md.model=DIR "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --metric-param md.model=DIR "
                                      "(a diffusers SD2.1 folder) or download it once") from exc
         if prm.up_block >= len(unet.up_blocks):
             raise BadInputError(f"md.up_block={prm.up_block}: the UNet has {len(unet.up_blocks)} up blocks")
