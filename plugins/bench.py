@@ -797,7 +797,7 @@ def _fill_from_report(row: dict, report: dict, sample: Sample) -> None:
 
 def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plugins: list, dataset_name: str) -> dict:
     """Edit one sample and write its folder atomically; failures come back as an error line."""
-    from gooddrag.plugins.outputs import staging, write_result_files
+    from gooddrag.plugins.outputs import clear_partials, staging, write_result_files
 
     # A pair whose handle is its own target (Drag100 plants_3 has four) is not dragged: the engine
     # refuses it. Its final handle is the handle itself; every pair still counts in the metrics.
@@ -805,6 +805,7 @@ def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plu
     try:
         if not keep:
             raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
+        clear_partials(folder)  # this sample is pending: anything half-written there is from a killed run
         with staging(folder) as tmp:
             res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
                               schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,

@@ -146,6 +146,12 @@ def staging(out_dir: Path) -> Iterator[Path]:
     tmp.rmdir()
 
 
+def clear_partials(out_dir: Path) -> None:
+    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up."""
+    for stale in Path(out_dir).glob(".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_result_files(tmp: Path, original: Image.Image, result: Any) -> None:
     """result.png, points.png and run.json into the staging folder."""
     result.image.save(tmp / "result.png")

@@ -1,0 +1,55 @@
+"""Backbone loading options: explicit VAE, attention backend, single-file and missing models,
+and a LoRA given by path."""
+
+from __future__ import annotations
+
+import pytest
+
+from gooddrag.core.backbone import TinyRandomBackbone
+from gooddrag.core.editor import Editor, select_backbone
+from gooddrag.core.errors import ModelNotFoundError, RequirementError
+from gooddrag.core.registry import default_registry
+from gooddrag.core.tiny import tiny_pipeline_dir
+from gooddrag.testing import random_image
+
+
+def test_model_name_selects_the_backbone():
+    reg = default_registry()
+    assert select_backbone(reg, "tiny-random").name == "tiny-random"
+    assert select_backbone(reg, "some/hub-id").name == "stable-diffusion"
+    assert select_backbone(reg, "/models/sd15").name == "stable-diffusion"
+
+
+def test_explicit_vae_folder_is_used_and_recorded():
+    b = TinyRandomBackbone.load(vae=str(tiny_pipeline_dir() / "vae"), device="cpu")
+    assert b.vae_id.endswith("vae") and b.vae is b.pipe.vae
+    assert Editor(b).config().vae == b.vae_id
+
+
+def test_missing_vae_and_model_are_one_line_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError) as exc:
+        TinyRandomBackbone.load(vae=str(tmp_path / "no-vae"), device="cpu")
+    assert "--vae" in str(exc.value) and "\n" not in str(exc.value)
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotFoundError) as exc:
+        Editor.from_pretrained(str(bogus), device="cpu")
+    assert str(bogus) in str(exc.value) and "--model" in str(exc.value)
+    with pytest.raises(ModelNotFoundError, match="no such folder or file"):
+        Editor.from_pretrained(str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_xformers_needs_cuda_and_the_extra():
+    with pytest.raises(RequirementError, match="xformers needs a CUDA device"):
+        TinyRandomBackbone.load(attention="xformers", device="cpu")
+
+
+def test_lora_by_path_equals_the_trained_one(tiny_editor):
+    image = random_image(32, 32, seed=7)
+    kw = dict(width=32, overrides=["lora.steps=2", "lora.crop=32", "lora.batch_size=2",
+                                   "schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"])
+    trained = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **kw)
+    folder = trained.report["lora"].split(" ", 1)[1]
+    by_path = tiny_editor.edit(image, [((8, 8), (20, 20))], lora=folder, **kw)
+    assert by_path.report["lora"] == f"loaded {folder}"
+    assert by_path.image.tobytes() == trained.image.tobytes()
