@@ -78,15 +78,20 @@ def full_runs(args) -> list[dict]:
         backbone = random_sd15(args.device, dtype)
         editor = Editor(backbone)
         for preset in args.presets.split(","):
-            for lora in ("auto", "auto") if preset == "gooddrag" else ("auto",):
+            # GoodDrag twice: LoRA trained, then cached (with --fuse-compare: cached and not fused)
+            variants = ([], ["lora.fuse=false"] if args.fuse_compare else []) if preset == "gooddrag" else ([],)
+            for variant in variants:
                 t0 = time.perf_counter()
-                r = editor.edit(image512(), PAIRS, preset=preset, lora=lora, overrides=FULL_COST[preset] + args.extra)
+                r = editor.edit(image512(), PAIRS, preset=preset, lora="auto",
+                                overrides=FULL_COST[preset] + args.extra + variant)
                 rep = r.report
                 rows.append({"dtype": dtype, "preset": preset, "lora": rep["lora"].split(" ")[0],
+                             "lora_fused": rep["config"]["lora_params"]["fuse"],
                              "device_name": rep["device_name"], "timings_s": rep["timings_s"],
                              "total_s": round(time.perf_counter() - t0, 2), "peak_memory_mb": rep["peak_memory_mb"],
                              "gradient_steps": rep["gradient_steps"], "drags": rep["drags"]})
                 print(json.dumps(rows[-1]), flush=True)
+                Path(args.out).write_text(json.dumps({"runs": rows}, indent=2))  # survives a timeout
         backbone.unet.up_blocks[backbone.params.feature_block]._forward_hooks.clear()  # hook -> backbone cycle
         del editor, backbone, r
         gc.collect()  # free this precision's model before the next one is measured
@@ -147,14 +152,16 @@ def main() -> None:
     ap.add_argument("--presets", default="gooddrag,dragdiffusion")
     ap.add_argument("--sample", action="store_true", help="CPU: per-unit timing x counts")
     ap.add_argument("--extra", action="append", default=[], help="more -p style overrides")
+    ap.add_argument("--fuse-compare", action="store_true", help="second GoodDrag edit with lora.fuse=false")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     os.environ.setdefault("GOODDRAG_CACHE", tempfile.mkdtemp(prefix="gooddrag-bench-"))
     result = sampled_costs(args) if args.sample else {"runs": full_runs(args)}
     if not args.sample and result["runs"]:
-        base = {(r["preset"], r["lora"]): r for r in result["runs"] if r["dtype"] == "fp32"}
+        key = lambda r: (r["preset"], r["lora"], r["lora_fused"])  # noqa: E731
+        base = {key(r): r for r in result["runs"] if r["dtype"] == "fp32"}
         for r in result["runs"]:
-            b = base.get((r["preset"], r["lora"]))
+            b = base.get(key(r))
             if b:
                 r["speedup_vs_fp32"] = round(b["total_s"] / r["total_s"], 2)
                 r["memory_ratio_vs_fp32"] = round(r["peak_memory_mb"] / b["peak_memory_mb"], 2)

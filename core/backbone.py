@@ -110,6 +110,7 @@ class StableDiffusionBackbone:
         pipe.text_encoder.requires_grad_(False)
         self.prompt = ""
         self.vae_id = "auto"  # what --vae asked for, recorded in the config
+        self._unfused: dict[str, torch.Tensor] | None = None  # base weights while a LoRA is fused in
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -244,25 +245,40 @@ class StableDiffusionBackbone:
             return "off"
         if mode != "auto":
             self._load_lora(Path(mode))
-            return f"loaded {mode}"
-        key = self._lora_key(image, params)
-        folder = cache_root() / "lora" / key
-        if (folder / "pytorch_lora_weights.safetensors").exists():
-            self._load_lora(folder)
-            return f"cached {folder}"
-        if on_train:
-            on_train()
-        self._train_lora(image, params)
-        self._save_lora(folder)
-        return f"trained {folder}"
+            status = f"loaded {mode}"
+        else:
+            folder = cache_root() / "lora" / self._lora_key(image, params)
+            if (folder / "pytorch_lora_weights.safetensors").exists():
+                self._load_lora(folder)
+                status = f"cached {folder}"
+            else:
+                if on_train:
+                    on_train()
+                self._train_lora(image, params)
+                self._save_lora(folder)
+                status = f"trained {folder}"
+        if params.fuse:
+            # unfusing subtracts the update again, which is not exact in floating point: keep the
+            # original weights (on the host, once per edit) so dropping the LoRA restores them bit for bit
+            self._unfused = {n: q.detach().to("cpu", copy=True) for n, q in self.unet.named_parameters()
+                             if ".base_layer." in n}
+            self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[LORA_ADAPTER])
+        return status
 
     def _lora_key(self, image: torch.Tensor, params: Any) -> str:
         h = hashlib.sha256()
         h.update(image.detach().float().cpu().numpy().tobytes())
-        h.update(json.dumps([self.model_id, self.prompt, attrs.asdict(params), str(self.dtype)]).encode())
+        h.update(json.dumps([self.model_id, self.prompt, params.cache_fields(), str(self.dtype)]).encode())
         return h.hexdigest()[:24]
 
     def _drop_lora(self) -> None:
+        if self._unfused is not None:
+            self.pipe.unfuse_lora(components=["unet"])
+            with torch.no_grad():
+                for n, q in self.unet.named_parameters():
+                    if n in self._unfused:
+                        q.copy_(self._unfused[n])
+            self._unfused = None
         if getattr(self.unet, "peft_config", None) and LORA_ADAPTER in self.unet.peft_config:
             self.unet.delete_adapters(LORA_ADAPTER)
 

@@ -19,3 +19,8 @@ class LoraParams:
     weight_decay: float = p(1e-2, "AdamW weight decay", ge(0), finite)
     seed: int = p(0, "seed for crops, posterior samples, noise and t", ge(0))
     crop: int = p(512, "crop size in pixels after resizing the short side to it", ge(8))
+    fuse: bool = p(True, "merge the LoRA into the UNet weights for editing (same result, fewer kernels per step)")
+
+    def cache_fields(self) -> dict:
+        """What the trained weights depend on (fusing is how they are applied, not what they are)."""
+        return {k: v for k, v in attrs.asdict(self).items() if k != "fuse"}

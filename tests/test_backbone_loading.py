@@ -3,7 +3,9 @@ and a LoRA given by path."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from gooddrag.core.backbone import TinyRandomBackbone
 from gooddrag.core.editor import Editor, select_backbone
@@ -53,3 +55,26 @@ def test_lora_by_path_equals_the_trained_one(tiny_editor):
     by_path = tiny_editor.edit(image, [((8, 8), (20, 20))], lora=folder, **kw)
     assert by_path.report["lora"] == f"loaded {folder}"
     assert by_path.image.tobytes() == trained.image.tobytes()
+
+
+def test_fused_lora_gives_the_unfused_result(tiny_editor):
+    b = tiny_editor.backbone
+    image = random_image(32, 32, seed=11)
+    kw = dict(width=32, overrides=["lora.steps=3", "lora.crop=32", "lora.batch_size=2",
+                                   "schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"])
+    def weights():  # base weights by their plain name (peft renames x.weight to x.base_layer.weight)
+        return {n.replace(".base_layer", ""): p for n, p in b.unet.named_parameters() if "lora_" not in n}
+
+    tiny_editor.edit(image, [((8, 8), (20, 20))], lora="off", **kw)
+    base = {n: p.detach().clone() for n, p in weights().items()}
+    fused = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **kw)
+    changed = [n for n, p in weights().items() if not torch.equal(p, base[n])]
+    assert changed and all("to_" in n for n in changed)  # the LoRA now lives in the attention weights
+    plain = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **{**kw, "overrides": kw["overrides"] +
+                                                                          ["lora.fuse=false"]})
+    assert plain.report["lora"].startswith("cached")  # fusing is not part of the cache key
+    a = np.asarray(fused.image, dtype=float)
+    c = np.asarray(plain.image, dtype=float)
+    assert np.abs(a - c).max() <= 2  # same edit up to float rounding (8-bit output)
+    tiny_editor.edit(image, [((8, 8), (20, 20))], lora="off", **kw)
+    assert all(torch.equal(p, base[n]) for n, p in weights().items())  # restored bit for bit on drop
