@@ -40,11 +40,11 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block
 
 def random_sd15(device: str, dtype: str):
     """The SD1.5 architecture with random weights, wrapped in the engine's backbone."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from gooddrag.core.backbone import DTYPES, StableDiffusionBackbone
-    from gooddrag.core.tiny import tiny_pipeline_dir
+    from gooddrag.core.tiny import sd_ddim_scheduler, tiny_pipeline_dir
 
     tok = CLIPTokenizer.from_pretrained(tiny_pipeline_dir() / "tokenizer")
     torch.manual_seed(0)
@@ -55,8 +55,7 @@ def random_sd15(device: str, dtype: str):
                                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                             pad_token_id=tok.pad_token_id))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sched = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=DTYPES[dtype])

@@ -199,7 +199,7 @@ def _write_clip_tokenizer_files(folder: Path, vocab, merges) -> Path:
 
 def _make_components(tok_dir: Path, seed: int) -> dict:
     """Instantiate all pipeline components with weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_LENGTH)
@@ -250,17 +250,7 @@ def _make_components(tok_dir: Path, seed: int) -> dict:
             unet.conv_out.weight.mul_(UNET_OUT_SCALE)
             unet.conv_out.bias.zero_()
 
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = sd_ddim_scheduler()
     for m in (unet, vae, text_encoder):
         m.eval()
     return dict(
@@ -271,6 +261,15 @@ def _make_components(tok_dir: Path, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """DDIM with Stable Diffusion's settings (SPEC 2): scaled-linear betas, leading spacing, offset 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
 
 
 def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -108,18 +108,9 @@ def _sd2_text_encoder(tokenizer):
 
 
 def _sd21_scheduler():
-    from diffusers import DDIMScheduler
+    from gooddrag.core.tiny import sd_ddim_scheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    return sd_ddim_scheduler("v_prediction")
 
 
 def build_tiny_sd2_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:

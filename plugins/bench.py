@@ -149,20 +149,25 @@ def sample_dir(root: Path, sample_id: str) -> Path:
 # --- small file helpers -------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
+def _atomic(path: Path, write: Any, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_name)`` on a temp file next to ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        write(tmp)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, newline=""))
 
 
 def _umask() -> int:
@@ -175,18 +180,12 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # layout notes on odd image shapes
             fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight")
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    _atomic(path, write, ".png")
 
 
 def read_run_json(folder: Path) -> dict | None:
