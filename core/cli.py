@@ -133,7 +133,7 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
                 else:
                     row.append("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)) or "(none)")
             table.add_row(*row)
-    Console(width=200 if params else None).print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # no wrapping when piped
 
 
 def _not_yet(what: str) -> None:
