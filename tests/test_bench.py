@@ -317,3 +317,31 @@ def test_score_on_a_bench_folder_reads_samples_subfolder(tmp_path):
     assert find_result(tmp_path, "y") == tmp_path / "y.jpg"
     assert find_result(tmp_path, "z") == tmp_path / "z" / "output_image.png"
     assert find_result(tmp_path, "w") is None
+
+
+DRAG100 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "drag100"
+
+
+@pytest.mark.skipif(not (DRAG100 / "index.json").is_file(), reason="../shared/data/drag100 not present")
+def test_score_unedited_real_drag100_copies_equals_an_independent_dai(tmp_path, capsys):
+    ids = ["antelopes_0", "art_0", "art_1"]
+    res = tmp_path / "copies"
+    res.mkdir()
+    want = {}
+    for sid in ids:
+        im = Image.open(DRAG100 / sid / "original.jpg").convert("RGB")
+        im.save(res / f"{sid}.png")  # lossless copy of the decoded original
+        f = np.asarray(im, dtype=np.float64) / 255
+        pts = json.loads((DRAG100 / sid / "points.json").read_text())["points"]
+        pairs = [(pts[i], pts[i + 1]) for i in range(0, len(pts), 2)]
+        n = len(pairs)
+        for g in (1, 5, 10, 20):  # the official script: sum over pairs / N / (2g+1)^2 / N
+            ssd = sum(((f[hy - g:hy + g + 1, hx - g:hx + g + 1] - f[ty - g:ty + g + 1, tx - g:tx + g + 1]) ** 2).sum()
+                      for (hx, hy), (tx, ty) in pairs)
+            want[(sid, g)] = ssd / n / (2 * g + 1) ** 2 / n
+    assert run_cli(["score", res, DRAG100, "--out", tmp_path / "scored"]) == 0
+    rows = read_csv(tmp_path / "scored" / "results.csv")
+    assert sum(r["status"] == "missing" for r in rows.values()) == 97
+    for (sid, g), value in want.items():
+        assert float(rows[sid][f"dai_{g}"]) == pytest.approx(value, rel=1e-6)
+    assert want[("antelopes_0", 1)] == pytest.approx(0.16493315, rel=1e-6)  # the value in the closing note
