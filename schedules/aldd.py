@@ -44,7 +44,7 @@ class AlDD:
     def run(self, ctx: DragContext) -> Outcome:
         P, pts, ev = self.params, ctx.points, ctx.events
         z = ctx.z_start
-        still_moving = 0  # consecutive post-drag tracking events with no point moving (not reset, Q5)
+        stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset, Q5)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
         for k in range(indices[0], indices[-1] + 1):
@@ -62,10 +62,10 @@ class AlDD:
             ev.tracked(t, 0, pts.handles)
             stop = None
             for b in range(P.drags_per_timestep):
+                stop = self._stop(pts, stalled)  # points move only when tracked: one check per drag
+                if stop:
+                    break
                 for _ in range(P.steps_per_drag):
-                    stop = self._stop(pts, still_moving)
-                    if stop:
-                        break
                     eps, feats = ctx.forward(z, t)
                     parts = ctx.loss(ctx, z, t, feats, eps, pts)
                     opt.zero_grad(set_to_none=True)
@@ -76,13 +76,11 @@ class AlDD:
                     if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
                         stop = "loss_threshold"
                         break
-                if stop and stop != "loss_threshold":
-                    break
                 if P.fresh_tracking:
                     with torch.no_grad():
                         _, feats = ctx.forward(z, t)
                 moved = ctx.tracker.track(ref_vectors, feats.detach(), pts.handles)
-                still_moving = 0 if bool((moved != pts.handles).any()) else still_moving + 1
+                stalled = 0 if bool((moved != pts.handles).any()) else stalled + 1
                 pts.handles = moved
                 drags += 1
                 ev.tracked(t, b + 1, pts.handles)
@@ -100,10 +98,10 @@ class AlDD:
         ev.stopped(ctx.timesteps[indices[-1]], reason)
         return Outcome(z, indices[-1] + 1, reason, drags, steps)
 
-    def _stop(self, pts, still_moving: int) -> str | None:
+    def _stop(self, pts, stalled: int) -> str | None:
         if pts.reached(self.params.reach_distance):
             return "reached"
-        if self.params.patience and still_moving >= self.params.patience:
+        if self.params.patience and stalled >= self.params.patience:
             return "patience"
         return None
 
