@@ -101,8 +101,6 @@ def full_runs(args) -> list[dict]:
 
 def sampled_costs(args) -> dict:
     """CPU: time each unit of work once (after a warm-up) and multiply by the preset's counts."""
-    from gooddrag.core.backbone import _random_crops
-
     b = random_sd15(args.device, "fp32")
     b.set_prompt("")
     b.sampler(50)
@@ -132,7 +130,6 @@ def sampled_costs(args) -> dict:
     from gooddrag.core.lora import LoraParams
 
     lp = LoraParams(steps=1)
-    crops = _random_crops(img, 512, 4, torch.Generator().manual_seed(0))  # noqa: F841  (cost is inside)
     unit["lora_step_b4"] = timed(lambda: (b._drop_lora(), b._train_lora(img, lp)))
     counts = {"lora": {"lora_step_b4": 70}, "inversion": {"encode": 1, "forward": 38},
               "reference": {"forward": 7},

@@ -300,25 +300,25 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
-def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return a cached folder holding the tiny pipeline, building it once.
+def cached_pipeline_dir(subdir: str, build, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A cached folder ``subdir`` holding what ``build(path)`` writes, built once.
 
-    Default cache: $GOODDRAG_CACHE or ~/.cache/gooddrag, subfolder 'tiny-random-sd15-v1'.
-    The build goes to a temp dir in the same parent and is renamed into place atomically, so
-    concurrent or interrupted builds never leave a half-written folder under the final name.
+    Default cache: $GOODDRAG_CACHE or ~/.cache/gooddrag. The build goes to a temp dir in the same
+    parent and is renamed into place atomically, so concurrent or interrupted builds never leave a
+    half-written folder under the final name.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-    final = root / TINY_CACHE_SUBDIR
+    final = root / subdir
     if _is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CACHE_SUBDIR}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{subdir}.tmp-", dir=root))
     try:
-        build_tiny_pipeline(tmp)
+        build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         if final.exists() and not _is_complete(final):
             # Not produced by us (we only ever rename finished builds); move it out of the way.
-            junk = Path(tempfile.mkdtemp(prefix=f".{TINY_CACHE_SUBDIR}.junk-", dir=root))
+            junk = Path(tempfile.mkdtemp(prefix=f".{subdir}.junk-", dir=root))
             try:
                 os.replace(final, junk / "old")
             except OSError:
@@ -335,31 +335,34 @@ def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return final
 
 
-def load_tiny_pipeline(torch_dtype=torch.float32, cache_dir=None) -> "StableDiffusionPipeline":
-    """Load the tiny pipeline through the real ``StableDiffusionPipeline.from_pretrained`` path.
+def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached tiny SD1.5-shaped pipeline folder (subfolder 'tiny-random-sd15-v1'), built once."""
+    return cached_pipeline_dir(TINY_CACHE_SUBDIR, build_tiny_pipeline, cache_dir)
+
+
+def load_offline(folder: str | os.PathLike, torch_dtype=torch.float32) -> "StableDiffusionPipeline":
+    """Load a pipeline folder through the real ``StableDiffusionPipeline.from_pretrained`` path.
 
     ``local_files_only=True`` and ``HF_HUB_OFFLINE=1`` (unless already set) guarantee no hub access.
     """
     from diffusers import StableDiffusionPipeline
-
-    folder = tiny_pipeline_dir(cache_dir)
-    # Newer diffusers renamed `torch_dtype` to `dtype` (and warn on the old name); older ones
-    # only know `torch_dtype`.
     from diffusers.utils import deprecation_utils
 
+    # Newer diffusers renamed `torch_dtype` to `dtype` (and warn on the old name); older ones
+    # only know `torch_dtype`.
     dtype_kw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     had = "HF_HUB_OFFLINE" in os.environ
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder),
-            **{dtype_kw: torch_dtype},
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return StableDiffusionPipeline.from_pretrained(
+            str(folder), **{dtype_kw: torch_dtype}, local_files_only=True,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     finally:
         if not had:
             os.environ.pop("HF_HUB_OFFLINE", None)
-    return pipe
+
+
+def load_tiny_pipeline(torch_dtype=torch.float32, cache_dir=None) -> "StableDiffusionPipeline":
+    """Load the tiny pipeline through the real ``StableDiffusionPipeline.from_pretrained`` path, offline."""
+    return load_offline(tiny_pipeline_dir(cache_dir), torch_dtype)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,9 +36,9 @@ from gooddrag.core.tiny import (
     MAX_LENGTH,
     TEXT_HIDDEN,
     UNET_OUT_SCALE,
-    _default_cache_root,
-    _is_complete,
     _make_components,
+    cached_pipeline_dir,
+    load_offline,
     _train_clip_bpe,
     _write_clip_tokenizer_files,
     _write_vocab_merges,
@@ -151,47 +150,10 @@ def build_tiny_sd2_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def tiny_sd2_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A cached folder holding the tiny SD2.1-shaped pipeline, built once (atomic rename).
-
-    Default cache: $GOODDRAG_CACHE or ~/.cache/gooddrag, subfolder 'tiny-random-sd21-v1'.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-    final = root / TINY_SD2_CACHE_SUBDIR
-    if _is_complete(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_SD2_CACHE_SUBDIR}.tmp-", dir=root))
-    try:
-        build_tiny_sd2_pipeline(tmp)
-        os.chmod(tmp, 0o755)
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process renamed a complete build first
-            if not _is_complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The cached tiny SD2.1-shaped pipeline folder (subfolder 'tiny-random-sd21-v1'), built once."""
+    return cached_pipeline_dir(TINY_SD2_CACHE_SUBDIR, build_tiny_sd2_pipeline, cache_dir)
 
 
 def load_tiny_sd2_pipeline(torch_dtype=torch.float32, cache_dir=None) -> "StableDiffusionPipeline":
     """Load it through the real ``StableDiffusionPipeline.from_pretrained`` path, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    from diffusers.utils import deprecation_utils
-
-    folder = tiny_sd2_pipeline_dir(cache_dir)
-    # Newer diffusers renamed `torch_dtype` to `dtype` (as in core/tiny.py).
-    dtype_kw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    had = "HF_HUB_OFFLINE" in os.environ
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            str(folder), **{dtype_kw: torch_dtype}, local_files_only=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    finally:
-        if not had:
-            os.environ.pop("HF_HUB_OFFLINE", None)
+    return load_offline(tiny_sd2_pipeline_dir(cache_dir), torch_dtype)

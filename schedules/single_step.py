@@ -8,7 +8,6 @@ self-attention.
 from __future__ import annotations
 
 import attrs
-import torch
 from attrs.validators import ge, gt, le
 
 from gooddrag.core.engine import DragContext, Outcome, make_optimizer
