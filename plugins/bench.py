@@ -291,11 +291,12 @@ def metric_keys(rows: Sequence[dict], metrics: Sequence[Any]) -> list[tuple[str,
     return out
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, spec: str = ".8g", none: str = "") -> str:
+    """A table cell: floats with ``spec`` (csv: 8 significant digits), None as ``none``."""
     if v is None:
-        return ""
+        return none
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else format(v, ".8g")
+        return "nan" if math.isnan(v) else format(v, spec)
     return str(v)
 
 
@@ -372,11 +373,7 @@ def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
 
 
 def _md_num(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else format(v, ".4g")
-    return str(v)
+    return _fmt(v, ".4g", "-")
 
 
 def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: dict,
