@@ -14,6 +14,7 @@ from PIL import Image
 
 from gooddrag.core.config import EditConfig, resolve_config
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
+from gooddrag.core.errors import ConfigError
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
 
@@ -60,11 +61,14 @@ class Editor:
     def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",
              schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
              overrides: Sequence[str] | dict = (), lora: str = "auto", prompt: str = "", seed: int = 0,
-             width: int = 512, plugins: Iterable[Any] = ()) -> EditResult:
+             width: int = 512, plugins: Iterable[Any] = (), **params: Any) -> EditResult:
         """Drag ``points`` ([(handle_xy, target_xy), ...] in image px) in ``image``.
 
+        Parameters can be overridden as ``overrides=["loss.lam=0.1"]`` (the CLI's ``-p``) or as keywords
+        ``kind_field=value``: ``loss_lam=0.1, schedule_drag_timesteps=5, lora_steps=100``.
         ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
         """
+        overrides = [*overrides, *keyword_overrides(params)] if not isinstance(overrides, dict) else overrides
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
@@ -143,6 +147,18 @@ class Editor:
         res = EditResult(result, final, report)
         hook.gooddrag_edit_finished(result=res)
         return res
+
+
+def keyword_overrides(params: dict[str, Any]) -> list[str]:
+    """``{"loss_lam": 0.1}`` -> ``["loss.lam=0.1"]``; the kind is the part before the first underscore."""
+    out = []
+    for key, value in params.items():
+        kind, _, field = key.partition("_")
+        if kind not in ("schedule", "loss", "tracker", "lora") or not field:
+            raise ConfigError(f"unknown keyword {key!r}; override parameters as kind_field=value, "
+                              "e.g. loss_lam=0.1 or schedule_drag_timesteps=5")
+        out.append(f"{kind}.{field}={value}")
+    return out
 
 
 def versions() -> dict[str, str]:

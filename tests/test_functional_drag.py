@@ -41,3 +41,18 @@ def test_without_dragging_nothing_moves():
                     overrides=["schedule.drags_per_timestep=1", "schedule.steps_per_drag=1", "schedule.lr=1e-9"])
     res = np.asarray(r.image, dtype=float)[..., 0] / 255
     assert res[HANDLE[1], HANDLE[0]] > 0.6 and res[TARGET[1], TARGET[0]] < 0.3
+
+
+def test_python_api_keyword_overrides():
+    from gooddrag.core.errors import ConfigError
+
+    editor = Editor(ToyBackbone())
+    r = editor.edit(blob_image(*HANDLE), [(HANDLE, TARGET)], lora="off", width=W, loss_lam=0.3,
+                    schedule_drag_timesteps=2, schedule_patience=0, tracker_radius=6)
+    cfg = r.report["config"]
+    assert cfg["loss_params"]["lam"] == 0.3 and cfg["schedule_params"]["drag_timesteps"] == 2
+    assert cfg["tracker_params"]["radius"] == 6 and cfg["schedule_params"]["patience"] == 0
+    with pytest.raises(ConfigError, match="unknown keyword 'lam'"):
+        editor.edit(blob_image(*HANDLE), [(HANDLE, TARGET)], lora="off", width=W, lam=0.3)
+    with pytest.raises(ConfigError, match="loss.nope"):
+        editor.edit(blob_image(*HANDLE), [(HANDLE, TARGET)], lora="off", width=W, loss_nope=1)
