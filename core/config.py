@@ -17,6 +17,7 @@ from gooddrag.core.params import build_params, params_to_dict
 from gooddrag.core.registry import Registry
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
+OVERRIDE_KINDS = STRATEGY_KINDS + ("lora",)  # what `-p kind.field=value` may name
 DEVICES_HELP = "auto, cpu, cuda or cuda:<index>"
 
 
@@ -75,9 +76,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, str]]:
         kind, dot, field = key.strip().partition(".")
         if not sep or not dot or not field or not kind:
             raise ConfigError(f"bad override {item!r}; write it as kind.field=value, e.g. -p loss.lam=0.1")
-        if kind not in STRATEGY_KINDS + ("lora",):
-            raise ConfigError(f"bad override {item!r}: unknown kind {kind!r}; "
-                              f"use one of {', '.join(STRATEGY_KINDS + ('lora',))}")
+        if kind not in OVERRIDE_KINDS:
+            raise ConfigError(f"bad override {item!r}: unknown kind {kind!r}; use one of {', '.join(OVERRIDE_KINDS)}")
         out.setdefault(kind, {})[field] = value.strip()
     return out
 

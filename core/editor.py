@@ -12,7 +12,7 @@ import attrs
 import torch
 from PIL import Image
 
-from gooddrag.core.config import EditConfig, resolve_config
+from gooddrag.core.config import OVERRIDE_KINDS, EditConfig, resolve_config
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
 from gooddrag.core.errors import ConfigError
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
@@ -154,7 +154,7 @@ def keyword_overrides(params: dict[str, Any]) -> list[str]:
     out = []
     for key, value in params.items():
         kind, _, field = key.partition("_")
-        if kind not in ("schedule", "loss", "tracker", "lora") or not field:
+        if kind not in OVERRIDE_KINDS or not field:
             raise ConfigError(f"unknown keyword {key!r}; override parameters as kind_field=value, "
                               "e.g. loss_lam=0.1 or schedule_drag_timesteps=5")
         out.append(f"{kind}.{field}={value}")
