@@ -708,8 +708,11 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
 
     out.mkdir(parents=True, exist_ok=True)
     # 2. resumed samples: reuse their edit, score (cached in scores.json)
+    from gooddrag.plugins.outputs import clear_partials
+
     for sid, report in done_reports.items():
         row, folder = rows[sid], sample_dir(root, sid)
+        clear_partials(folder)  # staging left by a process killed after this sample was finished
         _fill_from_report(row, report, by_id[sid])
         row["resumed"], row["result_path"] = True, folder / "result.png"
         try:
