@@ -164,9 +164,14 @@ def test_interrupted_bench_leaves_no_partial_files_and_resumes(d100, tmp_path, c
     assert [rows[s]["status"] for s in ("car_2", "cat_0", "nature_1")] == ["ok", "missing", "missing"]
     assert json.loads((out / "summary.json").read_text())["counts"]["missing"] == 2
 
+    # what a SIGKILL would leave: staging folders in a finished and in a pending sample
+    (out / "samples" / "car_2" / ".partial-killed").mkdir()
+    (out / "samples" / "cat_0" / ".partial-killed").mkdir(parents=True)
+    (out / "samples" / "cat_0" / ".partial-killed" / "result.png").write_bytes(b"half")
     hooks = Hooks()
     assert run_cli(args, hooks) == 0
     assert len(hooks.finished) == 2  # only the two unfinished samples
+    assert not list((out / "samples").rglob(".partial-*"))
     rows = read_csv(out / "results.csv")
     assert all(r["status"] == "ok" for r in rows.values())
     assert [rows[s]["resumed"] for s in ("car_2", "cat_0", "nature_1")] == ["true", "false", "false"]
