@@ -187,16 +187,15 @@ class StableDiffusionBackbone:
         feats, self._captured = self._captured, None
         return eps, (self.upsample_features(feats, z.shape[-2:]) if upsample else feats)
 
-    def upsample_features(self, feats: torch.Tensor, latent_hw: Any = None) -> torch.Tensor:
-        """Bilinear (align_corners False) to the feature grid: 4x the latent = H/2 x W/2."""
-        h, w = latent_hw if latent_hw is not None else self._latent_hw
+    def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:
+        """Bilinear (align_corners False) to the feature grid: 4x the latent (h, w) = H/2 x W/2."""
+        h, w = latent_hw
         return F.interpolate(feats, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> posterior mean x scaling, (1, 4, H/8, W/8) fp32."""
         with torch.no_grad():
             z = self.vae.encode(image.to(self.device, self.dtype)).latent_dist.mean.float() * self.scaling
-        self._latent_hw = tuple(z.shape[-2:])
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

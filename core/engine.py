@@ -71,6 +71,7 @@ class Reference:
         self._lowres: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, torch.Tensor] | None = None
         assert indices, "a schedule must drag on at least one timestep"
+        self._latent_hw = tuple(z_start.shape[-2:])  # (h, w): the feature grid is 4x this
         z = z_start
         with torch.no_grad():
             for k in range(min(indices), max(indices) + 1):
@@ -85,7 +86,7 @@ class Reference:
     def features(self, t: int) -> torch.Tensor:
         """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached."""
         if self._cached is None or self._cached[0] != t:
-            self._cached = (t, self.backbone.upsample_features(self._lowres[t]))
+            self._cached = (t, self.backbone.upsample_features(self._lowres[t], self._latent_hw))
         return self._cached[1]
 
     def vectors(self, t: int, points: torch.Tensor) -> torch.Tensor:

@@ -60,10 +60,10 @@ class ToyBackbone:
 
     def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True):
         eps = self.eps(z, t) + 0 * z  # keeps the graph: features and eps both depend on z
-        return eps, (self.upsample_features(z) if upsample else z)
+        return eps, (self.upsample_features(z, z.shape[-2:]) if upsample else z)
 
-    def upsample_features(self, feats: torch.Tensor, latent_hw: Any = None) -> torch.Tensor:
-        h, w = feats.shape[-2:]
+    def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:
+        h, w = latent_hw
         return F.interpolate(feats, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
 
     def eps_mutual(self, z_ref: torch.Tensor, z: torch.Tensor, t: int):
