@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gooddrag.core.engine import DragContext, Events, LossParts, Outcome, Points, Reference
+from gooddrag.core.engine import DragContext, Events, LossParts, Outcome, Points, Reference, drag_window
 from gooddrag.core.errors import RequirementError
 from gooddrag.core.tiny import build_tiny_pipeline, load_tiny_pipeline, tiny_pipeline_dir  # noqa: F401
 from gooddrag.core.toy import ToyBackbone
@@ -29,16 +29,15 @@ __all__ = ["ToyBackbone", "build_tiny_pipeline", "load_tiny_pipeline", "tiny_pip
 
 
 def make_toy_context(loss: Any = None, tracker: Any = None, *, size: int = 8, num_steps: int = 10, start: int = 2,
-                     handles=((10.0, 8.0),), targets=((10.0, 20.0),), mask: bool = False, seed: int = 0,
-                     backbone: Any = None) -> DragContext:
-    """A DragContext over a toy backbone with a random latent (1, 4, size, size)."""
-    b = backbone or ToyBackbone()
+                     indices: list[int] | None = None, handles=((10.0, 8.0),), targets=((10.0, 20.0),),
+                     mask: bool = False, seed: int = 0) -> DragContext:
+    """A DragContext over a toy backbone with a random latent (1, 4, size, size); the reference covers
+    ``indices`` (default: every index from ``start``)."""
+    b = ToyBackbone()
     ddim = b.sampler(num_steps)
     g = torch.Generator().manual_seed(seed)
     z = torch.rand(1, 4, size, size, generator=g)
-    ref = Reference(b, z, list(range(start, num_steps)), ddim.timesteps)
-    if hasattr(b, "_latent_hw"):
-        b._latent_hw = (size, size)
+    ref = Reference(b, z, indices or list(range(start, num_steps)), ddim.timesteps)
     h = torch.tensor(handles, dtype=torch.float32)
     m = None
     if mask:
@@ -105,23 +104,13 @@ def check_schedule(cls: type) -> None:
     schedule = cls(check_params("schedule", cls))
     loss = reg.get("loss", "info-preserving")(reg.get("loss", "info-preserving").Params())
     tracker = reg.get("tracker", "nearest")(reg.get("tracker", "nearest").Params())
-    num_steps = getattr(schedule.params, "num_inference_steps", 50)
-    from gooddrag.core.ddim import start_index
-
-    start = start_index(num_steps, schedule.params.inversion_strength)
-    indices = schedule.drag_indices(start, num_steps)
+    num_steps = schedule.params.num_inference_steps
+    start, indices = drag_window(schedule, num_steps)
     assert indices and all(start <= k < num_steps for k in indices), "drag indices must lie after the start"
-    b = ToyBackbone()
-    ddim = b.sampler(num_steps)
-    z = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = Reference(b, z, indices, ddim.timesteps)
-    h = torch.tensor([[10.0, 8.0]])
-    ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z, reference=ref, loss=loss,
-                      tracker=tracker, points=Points(h.clone(), h.clone(), torch.tensor([[10.0, 20.0]])), mask=None,
-                      mask_is_empty=False, events=Events(None))
+    ctx = make_toy_context(loss, tracker, num_steps=num_steps, start=start, indices=indices)
     out = schedule.run(ctx)
-    assert isinstance(out, Outcome) and out.latent.shape == z.shape
-    assert out.next_index in ref.latents, "next_index must be a reference index (start .. last drag + 1)"
+    assert isinstance(out, Outcome) and out.latent.shape == ctx.z_start.shape
+    assert out.next_index in ctx.reference.latents, "next_index must be a reference index (start .. last drag + 1)"
     assert out.reason in {"reached", "patience", "schedule_end", "loss_threshold"}
 
 
