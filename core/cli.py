@@ -79,8 +79,6 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    if lora not in ("auto", "off") and not Path(lora).exists():
-        raise BadInputError(f"--lora {lora}: no such file or folder; pass auto, off or a LoRA path")
     _silence_libraries()
     from gooddrag.core.editor import Editor
     from gooddrag.plugins import outputs as o

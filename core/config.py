@@ -7,6 +7,7 @@ A config is resolved before any model loads: preset -> chosen components -> pres
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import attrs
@@ -130,6 +131,9 @@ def _check_runtime(runtime: Mapping[str, Any]) -> None:
     width = runtime.get("width", 512)
     if not isinstance(width, int) or width < 16 or width % 8:
         raise ConfigError(f"--width {width!r}: the working width must be a multiple of 8, at least 16")
+    lora = runtime.get("lora", "auto")
+    if lora not in ("auto", "off") and not Path(lora).exists():
+        raise ConfigError(f"--lora {lora}: no such file or folder; pass auto, off or a LoRA path")
     seed = runtime.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed {seed!r} must be a non-negative integer")

@@ -664,8 +664,6 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
                          overrides=list(opts.params), model=opts.model, vae=opts.vae, lora=opts.lora,
                          device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed,
                          width=opts.width)
-    if opts.lora not in ("auto", "off") and not Path(opts.lora).exists():
-        raise BadInputError(f"--lora {opts.lora}: no such file or folder; pass auto, off or a LoRA path")
     metrics = load_metrics(reg, opts.metrics, opts.metric_params)
     runner_cls = reg.get("runner", opts.runner)
     runner = runner_cls(build_params("runner", runner_cls, {}))

@@ -86,3 +86,10 @@ def test_config_is_frozen():
         c.loss = "x"
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         c.loss_params.lam = 1.0
+
+
+def test_missing_lora_path_is_refused_with_the_config(tmp_path):
+    with pytest.raises(ConfigError, match="--lora .*no such file or folder"):
+        cfg(lora=str(tmp_path / "none.safetensors"))
+    (tmp_path / "lora").mkdir()
+    assert cfg(lora=str(tmp_path / "lora")).lora == str(tmp_path / "lora")
