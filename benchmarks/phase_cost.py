@@ -43,8 +43,9 @@ def random_sd15(device: str, dtype: str):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from gooddrag.core.backbone import DTYPES, StableDiffusionBackbone
-    from gooddrag.core.tiny import sd_ddim_scheduler, tiny_pipeline_dir
+    from gooddrag.core.devices import DTYPES
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
+    from gooddrag.plugins.backbones.tiny_pipeline import sd_ddim_scheduler, tiny_pipeline_dir
 
     tok = CLIPTokenizer.from_pretrained(tiny_pipeline_dir() / "tokenizer")
     torch.manual_seed(0)
@@ -130,7 +131,7 @@ def sampled_costs(args) -> dict:
     from gooddrag.core.lora import LoraParams
 
     lp = LoraParams(steps=1)
-    unit["lora_step_b4"] = timed(lambda: (b._drop_lora(), b._train_lora(img, lp)))
+    unit["lora_step_b4"] = timed(lambda: (b.lora.drop(), b.lora.train(img, lp)))
     counts = {"lora": {"lora_step_b4": 70}, "inversion": {"encode": 1, "forward": 38},
               "reference": {"forward": 7},
               "drag": {"forward_backward": 210, "forward": 7 + 7},  # + initial track and DDIM step per timestep

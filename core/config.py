@@ -17,6 +17,9 @@ from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict
 from gooddrag.core.registry import Registry
 
+#: the method's model (Stable Diffusion 1.5), used when --model is not given
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
 OVERRIDE_KINDS = STRATEGY_KINDS + ("lora",)  # what `-p kind.field=value` may name
 DEVICES_HELP = "auto, cpu, cuda or cuda:<index>"
@@ -45,7 +48,7 @@ class EditConfig:
     schedule_params: Any
     loss_params: Any
     tracker_params: Any
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model: str = DEFAULT_MODEL
     vae: str = "auto"
     lora: str = "auto"
     lora_params: Any = None

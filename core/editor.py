@@ -12,7 +12,8 @@ import attrs
 import torch
 from PIL import Image
 
-from gooddrag.core.config import OVERRIDE_KINDS, EditConfig, resolve_config
+from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, resolve_config
+from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
 from gooddrag.core.errors import ConfigError
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
@@ -44,7 +45,7 @@ class Editor:
         self.registry = registry or default_registry()
 
     @classmethod
-    def from_pretrained(cls, model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5", *, vae: str = "auto",
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, vae: str = "auto",
                         device: str = "auto", dtype: str = "fp32", attention: str = "auto",
                         registry: Registry | None = None) -> "Editor":
         registry = registry or default_registry()
@@ -54,7 +55,7 @@ class Editor:
     def config(self, **kwargs: Any) -> EditConfig:
         b = self.backbone
         runtime = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device), attention=b.attention,
-                       dtype={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[b.dtype])
+                       dtype=DTYPE_NAMES[b.dtype])
         runtime.update({k: kwargs.pop(k) for k in ("lora", "seed", "width") if k in kwargs})
         return resolve_config(self.registry, **kwargs, **runtime)
 

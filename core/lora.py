@@ -1,4 +1,4 @@
-"""Per-image LoRA (SPEC section 3): settings here; training lives in core/backbone.py."""
+"""Per-image LoRA (SPEC section 3): its settings. Training lives with the backbone (plugins/backbones/lora.py)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def _cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backbone(_cache):
-    from gooddrag.core.backbone import TinyRandomBackbone
+    from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
 
     return TinyRandomBackbone.load(device="cpu")
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from gooddrag.core.backbone import TinyRandomBackbone
+from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
 from gooddrag.core.editor import Editor, select_backbone
 from gooddrag.core.errors import ModelNotFoundError, RequirementError
 from gooddrag.core.registry import default_registry
-from gooddrag.core.tiny import tiny_pipeline_dir
+from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 
 

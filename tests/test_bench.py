@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gooddrag.core.cli import main
+from gooddrag.app.cli import main
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.registry import default_registry
-from gooddrag.plugins.runners import LocalRunner
+from gooddrag.plugins.runners.local import LocalRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_datasets import write_dragbench_sample, write_drag100_sample  # noqa: E402
@@ -311,7 +311,7 @@ def test_local_runner_loads_no_worker_without_jobs():
 
 
 def test_score_on_a_bench_folder_reads_samples_subfolder(tmp_path):
-    from gooddrag.plugins.bench import find_result
+    from gooddrag.app.bench.run import find_result
 
     (tmp_path / "samples" / "cat" / "x").mkdir(parents=True)
     (tmp_path / "samples" / "cat" / "x" / "result.png").write_bytes(b"")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gooddrag.core import cli
+from gooddrag.app import cli
 from gooddrag.core.editor import Editor
 
 BASE = ["-p", "schedule.num_inference_steps=10", "--lora", "off", "--width", "32", "--model", "tiny-random"]
@@ -146,7 +146,7 @@ def test_strategies_change_the_trace_and_runs_are_byte_identical(img, tmp_path, 
 
 
 def test_failed_edit_leaves_no_partial_output(img, tmp_path, capsys, monkeypatch):
-    from gooddrag.core.backbone import StableDiffusionBackbone
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
 
     def broken(self, z):
         raise RuntimeError("decoder exploded")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gooddrag.core.errors import BadInputError, ConfigError
 from gooddrag.core.registry import default_registry
-from gooddrag.plugins.bench import open_dataset, select_samples
+from gooddrag.app.bench.run import open_dataset, select_samples
 from gooddrag.plugins.datasets.drag100 import Drag100, content_class
 from gooddrag.plugins.datasets.dragbench import DragBench, safe_load_pickle
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gooddrag.core.backbone import MutualSelfAttention
+from gooddrag.plugins.backbones.attention import MutualSelfAttention
 from gooddrag.core.ddim import ddim_timesteps, start_index
 from gooddrag.testing import check_backbone, random_image
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gooddrag.core import cli
+from gooddrag.app import cli
 from gooddrag.core.registry import default_registry
 from gooddrag.testing import check_component
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from gooddrag.core.editor import Editor
-from gooddrag.core.toy import ToyBackbone
+from gooddrag.testing.toy import ToyBackbone
 
 W = 128
 YY, XX = np.mgrid[0:W, 0:W]

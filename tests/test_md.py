@@ -1,6 +1,6 @@
 """Tests for the ``md`` metric (DIFT mean distance) on a tiny random SD2.1-shaped model.
 
-No weights are downloaded: ``gooddrag.core.tiny_sd2`` builds the model locally and it is loaded
+No weights are downloaded: ``gooddrag.testing.tiny_sd2`` builds the model locally and it is loaded
 through the real diffusers ``from_pretrained`` path, offline.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image
 from gooddrag.core.errors import RequirementError
 from gooddrag.core.registry import Registry, make_plugin_manager
 from gooddrag.core.samples import Sample
-from gooddrag.core.tiny_sd2 import SD21_HEADS, tiny_sd2_pipeline_dir
+from gooddrag.testing.tiny_sd2 import SD21_HEADS, tiny_sd2_pipeline_dir
 from gooddrag.plugins.metrics import md as md_mod
 from gooddrag.plugins.metrics.md import MeanDistance, cosine_argmax, source_vectors
 

@@ -1,4 +1,4 @@
-"""Tests for gooddrag.core.tiny: the offline tiny random SD1.5-shaped pipeline."""
+"""Tests for gooddrag.plugins.backbones.tiny_pipeline: the offline tiny random SD1.5-shaped pipeline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gooddrag.core import tiny
+from gooddrag.plugins.backbones import tiny_pipeline as tiny
 
 
 def _weight_hashes(folder: Path) -> dict[str, str]:

@@ -167,7 +167,7 @@ class ImageFidelity:
     def _load(self) -> Any:
         if self._net is not None:
             return self._net
-        from gooddrag.core.backbone import resolve_device
+        from gooddrag.core.devices import resolve_device
 
         prm = self.params
         device = resolve_device(prm.device)

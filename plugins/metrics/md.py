@@ -204,7 +204,7 @@ class MeanDistance:
         import transformers
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from gooddrag.core.backbone import DTYPES, resolve_device
+        from gooddrag.core.devices import DTYPES, resolve_device
 
         prm = self.params
         device, dtype = resolve_device(prm.device), DTYPES[prm.dtype]

@@ -20,8 +20,8 @@ from PIL import Image
 
 from gooddrag.core.engine import DragContext, Events, LossParts, Outcome, Points, Reference, drag_window
 from gooddrag.core.errors import RequirementError
-from gooddrag.core.tiny import build_tiny_pipeline, load_tiny_pipeline, tiny_pipeline_dir  # noqa: F401
-from gooddrag.core.toy import ToyBackbone
+from gooddrag.plugins.backbones.tiny_pipeline import build_tiny_pipeline, load_tiny_pipeline, tiny_pipeline_dir  # noqa: F401
+from gooddrag.testing.toy import ToyBackbone
 
 __all__ = ["ToyBackbone", "build_tiny_pipeline", "load_tiny_pipeline", "tiny_pipeline_dir", "make_toy_context",
            "check_params", "check_component", "check_schedule", "check_loss", "check_tracker", "check_backbone",

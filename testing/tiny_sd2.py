@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gooddrag.core.tiny import (
+from gooddrag.plugins.backbones.tiny_pipeline import (
     MAX_LENGTH,
     TEXT_HIDDEN,
     UNET_OUT_SCALE,
@@ -107,7 +107,7 @@ def _sd2_text_encoder(tokenizer):
 
 
 def _sd21_scheduler():
-    from gooddrag.core.tiny import sd_ddim_scheduler
+    from gooddrag.plugins.backbones.tiny_pipeline import sd_ddim_scheduler
 
     return sd_ddim_scheduler("v_prediction")
 

@@ -1,14 +1,17 @@
-"""Options shared by `gooddrag edit` and `gooddrag bench`: one definition, one help text."""
+"""Options shared by `gooddrag edit` and `gooddrag bench` (one definition, one help text), and the
+quiet start-up both use."""
 
 from __future__ import annotations
+
+import os
 
 from typing import List, Optional
 
 import typer
 
-from gooddrag.core.backbone import SD15_MODEL
+from gooddrag.core.config import DEFAULT_MODEL
 
-MODEL = typer.Option(SD15_MODEL, "--model", help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random.")
+MODEL = typer.Option(DEFAULT_MODEL, "--model", help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random.")
 VAE = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file.")
 PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star.")
 SCHEDULE = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's).")
@@ -22,6 +25,26 @@ ATTENTION = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CU
 SEED = typer.Option(0, "--seed", help="Random seed.")
 WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
 OUT = typer.Option(None, "--out", help="Output folder.")
+
+
+def silence_libraries() -> None:
+    """Library chatter (deprecations, torchvision notices) is not ours to show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
 
 __all__ = ["MODEL", "VAE", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "DEVICE", "DTYPE", "ATTENTION",
            "SEED", "WIDTH", "OUT", "List", "Optional"]

@@ -1,6 +1,6 @@
-"""`gooddrag bench` and `gooddrag score` (typer command functions, registered by core/cli.py).
+"""`gooddrag bench` and `gooddrag score` (typer command functions, registered by app/cli.py).
 
-The work is in :mod:`gooddrag.plugins.bench`; these functions only declare the options, refuse
+The work is in :mod:`gooddrag.app.bench.run`; these functions only declare the options, refuse
 unknown ones, and print the summary table. See docs/evaluation.md.
 """
 
@@ -13,14 +13,14 @@ from typing import List, Optional
 import click
 import typer
 
-from gooddrag.core import cli_options as O
+from gooddrag.app import options as O
 from gooddrag.core.errors import BadInputError
 
 
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
 
-    from gooddrag.plugins.bench import counts_line, summary_table
+    from gooddrag.app.bench.results import counts_line, summary_table
 
     typer.echo(counts_line(summary))
     if any(summary["aggregate"]["overall"].values()):
@@ -58,10 +58,9 @@ def bench(
     """Edit every sample of a benchmark, score it, and write results.csv, summary.json and report.md."""
     if out is None:
         raise BadInputError("--out DIR is required (where samples/, results.csv, summary.json and report.md go)")
-    from gooddrag.core.cli import _silence_libraries
-    from gooddrag.plugins.bench import BenchOptions, run_bench
+    from gooddrag.app.bench.run import BenchOptions, run_bench
 
-    _silence_libraries()
+    O.silence_libraries()
     opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
                         metric_params=tuple(metric_param), force=force, runner=runner, model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
@@ -84,9 +83,8 @@ def score(
     out: Optional[Path] = typer.Option(None, "--out", help="Where results.csv, summary.json, report.md go (default: RESULTS_DIR)."),
 ) -> None:
     """Score a folder of results (any method) against a benchmark; missing results are counted."""
-    from gooddrag.core.cli import _silence_libraries
-    from gooddrag.plugins.bench import run_score
+    from gooddrag.app.bench.run import run_score
 
-    _silence_libraries()
+    O.silence_libraries()
     summary = run_score(results_dir, dataset_dir, dataset=dataset, metrics=metrics, metric_params=metric_param, out=out)
     _print_summary(summary, out or results_dir)

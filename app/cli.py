@@ -12,7 +12,7 @@ import click
 import typer
 
 import gooddrag
-from gooddrag.core import cli_options as O
+from gooddrag.app import options as O
 from gooddrag.core.errors import BadInputError, GoodDragError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -79,16 +79,19 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    _silence_libraries()
+    O.silence_libraries()
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins import outputs as o
+    from gooddrag.plugins.outputs.files import staging, write_result_files
+    from gooddrag.plugins.outputs.gif import GifWriter
+    from gooddrag.plugins.outputs.progress import ProgressDisplay
+    from gooddrag.plugins.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention, registry=reg)
-    with o.staging(out) as tmp:
+    with staging(out) as tmp:
         plugins: list = []
-        tracer = o.TraceWriter(tmp / "trace.jsonl") if trace else None
-        gifw = o.GifWriter(editor.backbone, inp.size) if gif else None
-        progress = o.ProgressDisplay() if sys.stderr.isatty() else None
+        tracer = TraceWriter(tmp / "trace.jsonl") if trace else None
+        gifw = GifWriter(editor.backbone, inp.size) if gif else None
+        progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
         try:
             result = editor.edit(image, inp, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
@@ -101,7 +104,7 @@ def edit(
                 progress.stop()
         result.report["input"] = {"image": str(image), "mask": str(mask) if mask else None,
                                   "points_file": str(points_file) if points_file else None}
-        o.write_result_files(tmp, inp.image, result)
+        write_result_files(tmp, inp.image, result)
         if gifw:
             gifw.save(tmp / "drag.gif", result.image)
     r = result.report
@@ -144,29 +147,10 @@ def ui() -> None:
     _not_yet("ui")
 
 
-from gooddrag.core.cli_bench import bench, score  # noqa: E402  (their options live with them)
+from gooddrag.app.bench.commands import bench, score  # noqa: E402  (their options live with them)
 
 app.command()(bench)
 app.command()(score)
-
-
-def _silence_libraries() -> None:
-    """Library chatter (deprecations, torchvision notices) is not ours to show."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,1 @@
+"""The front-ends: the typer CLI (``cli.py``) and the benchmark (``bench/``); the top floor."""

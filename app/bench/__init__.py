@@ -1,0 +1,1 @@
+"""``gooddrag bench`` and ``gooddrag score``: commands, running and resuming, result tables, report."""

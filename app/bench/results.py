@@ -1,0 +1,274 @@
+"""Result tables of a benchmark: one row per sample, its scores (cached per edit), ``results.csv``,
+``summary.json`` and the terminal summary. Every file is replaced atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.params import params_to_dict
+from gooddrag.core.samples import Sample
+
+PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
+#: config fields that change the result: a resumed sample must have been made with the same values
+METHOD_FIELDS = ("model", "preset", "schedule", "loss", "tracker", "schedule_params", "loss_params",
+                 "tracker_params", "lora", "lora_params", "seed", "dtype", "width")
+
+
+def sample_dir(root: Path, sample_id: str) -> Path:
+    """``root/<id>`` (ids with '/' become nested folders); ids that would escape ``root`` are refused."""
+    parts = sample_id.split("/")
+    if not sample_id or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise BadInputError(f"sample id {sample_id!r} cannot be used as a folder name")
+    return Path(root).joinpath(*parts)
+
+
+# --- small file helpers -------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Any, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_name)`` on a temp file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def read_run_json(folder: Path) -> dict | None:
+    """The edit report of a finished sample folder, or None when it is not complete."""
+    path = folder / "run.json"
+    if not (path.is_file() and (folder / "result.png").is_file()):
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "final_handles" in data else None
+
+
+def error_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, GoodDragError):
+        return msg or type(exc).__name__
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
+    if not report:
+        return None
+    bench = report.get("bench") or {}
+    for pts in (bench.get("final_handles_all_pairs"), report.get("final_handles")):
+        if isinstance(pts, list) and len(pts) == n_pairs:
+            return pts
+    return None
+
+
+# --- rows and scoring ---------------------------------------------------------------------------
+
+
+def new_row(sample: Sample) -> dict[str, Any]:
+    return {"id": sample.id, "group": sample.group, "status": "missing", "error": "", "n_pairs": len(sample.pairs),
+            "scores": {}, "final_handles": None, "timings": {}, "resumed": False, "result_path": None}
+
+
+def _metric_sig(metric: Any) -> dict[str, Any]:
+    return {"name": metric.name, "params": _jsonable(params_to_dict(metric.params))}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def score_row(row: dict, metrics: Sequence[Any], sample: Sample, image: Image.Image,
+              final_points: list[list[float]] | None, cache: Path | None = None, run_key: str = "") -> None:
+    """Fill ``row['scores']`` (per metric) and set status ok/failed. Scores are cached in ``cache``
+    (a scores.json tied to ``run_key``, the hash of the run.json they were computed for)."""
+    cached: dict[str, Any] = {}
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            data = json.loads(cache.read_text())
+            if data.get("run") == run_key and isinstance(data.get("metrics"), dict):
+                cached = data["metrics"]
+    errors = []
+    fresh: dict[str, Any] = {}
+    for metric in metrics:
+        sig = _metric_sig(metric)
+        hit = cached.get(metric.name)
+        if hit and hit.get("params") == sig["params"] and isinstance(hit.get("scores"), dict):
+            row["scores"][metric.name] = {k: float(v) for k, v in hit["scores"].items()}
+            fresh[metric.name] = hit
+            continue
+        try:
+            values = metric.score(sample, image, final_points)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            errors.append(f"{metric.name}: {error_line(exc)}")
+            continue
+        values = {k: float(v) for k, v in values.items()}
+        row["scores"][metric.name] = values
+        fresh[metric.name] = {"params": sig["params"], "scores": values}
+    if cache is not None and fresh and fresh != cached:
+        atomic_write_text(cache, json.dumps({"run": run_key, "metrics": fresh}, indent=1, default=str) + "\n")
+    if errors:
+        row["status"], row["error"] = "failed", "; ".join(errors)
+    else:
+        row["status"], row["error"] = "ok", ""
+
+
+def hash_file(path: Path) -> str:
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def metric_keys(rows: Sequence[dict], metrics: Sequence[Any]) -> list[tuple[str, str]]:
+    """(metric, key) in metric order, keys in first-seen order."""
+    out: list[tuple[str, str]] = []
+    for m in metrics:
+        for r in rows:
+            for k in r["scores"].get(m.name, {}):
+                if (m.name, k) not in out:
+                    out.append((m.name, k))
+    return out
+
+
+def fmt_cell(v: Any, spec: str = ".8g", none: str = "") -> str:
+    """A table cell: floats with ``spec`` (csv: 8 significant digits), None as ``none``."""
+    if v is None:
+        return none
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else format(v, spec)
+    return str(v)
+
+
+def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = True) -> str:
+    keys = metric_keys(rows, metrics)
+    phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
+    phases += sorted({p for r in rows for p in r["timings"]} - set(phases))
+    header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys] + ["final_handles", "time_total_s"]
+              + [f"time_{p}_s" for p in phases] + (["resumed"] if resumed else []))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        t = r["timings"]
+        w.writerow([r["id"], r["group"], r["status"], r["error"], r["n_pairs"]]
+                   + [fmt_cell(r["scores"].get(m, {}).get(k)) for m, k in keys]
+                   + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
+                      fmt_cell(round(sum(t.values()), 4)) if t else ""]
+                   + [fmt_cell(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else []))
+    return buf.getvalue()
+
+
+def _aggregate(metric: Any, rows: list[dict]) -> dict[str, float]:
+    per = [r["scores"][metric.name] for r in rows if r["status"] == "ok" and metric.name in r["scores"]]
+    if not per:
+        return {}
+    agg = getattr(metric, "aggregate", None)
+    if agg is None:
+        from gooddrag.plugins.metrics.dai import mean_aggregate
+
+        return mean_aggregate(per)
+    return {k: float(v) for k, v in agg(per).items()}
+
+
+def _counts(rows: Sequence[dict]) -> dict[str, int]:
+    c = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "missing")}
+    c["total"] = len(rows)
+    c["skipped"] = sum(bool(r["resumed"]) for r in rows)
+    c["edited"] = sum(bool(r.get("edited")) for r in rows)
+    return c
+
+
+def build_summary(rows: list[dict], metrics: Sequence[Any], *, command: str, dataset: dict, config: Any,
+                  extra: dict | None = None, wall_s: float | None = None) -> dict:
+    groups = sorted({r["group"] for r in rows})
+    overall = {m.name: _aggregate(m, rows) for m in metrics}
+    by_group = {g: {m.name: _aggregate(m, [r for r in rows if r["group"] == g]) for m in metrics} for g in groups}
+    ok_times = [sum(r["timings"].values()) for r in rows if r["status"] == "ok" and r["timings"]]
+    return _jsonable({
+        "command": command,
+        "dataset": dataset,
+        "config": config,
+        "metrics": {m.name: {"params": _metric_sig(m)["params"],
+                             "higher_is_better": bool(getattr(m, "higher_is_better", False))} for m in metrics},
+        "counts": _counts(rows),
+        "groups": {g: _counts([r for r in rows if r["group"] == g]) for g in groups},
+        "aggregate": {"overall": overall, "by_group": by_group},
+        "totals": {"edit_time_s": round(sum(ok_times), 3),
+                   "mean_edit_time_s": round(sum(ok_times) / len(ok_times), 3) if ok_times else None,
+                   "wall_time_s": None if wall_s is None else round(wall_s, 3)},
+        "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+        "missing": [r["id"] for r in rows if r["status"] == "missing"],
+        **(extra or {}),
+    })
+
+
+def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: dict) -> None:
+    """results.csv and summary.json, each atomically."""
+    atomic_write_text(out / "results.csv", results_csv(rows, metrics, resumed=summary.get("command") == "bench"))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def counts_line(summary: dict) -> str:
+    c = summary["counts"]
+    line = f"{c['ok']} ok, {c['failed']} failed, {c['missing']} missing of {c['total']} samples"
+    if summary.get("command") == "bench":
+        line += f" (edited now {c['edited']}, resumed {c['skipped']})"
+    return line
+
+
+def summary_table(summary: dict) -> Any:
+    """A rich Table of the overall aggregates (and per group when there are few groups)."""
+    from rich.table import Table
+
+    agg = summary["aggregate"]
+    groups = [g for g, vals in agg["by_group"].items() if any(vals.values())]
+    show_groups = groups if 1 < len(groups) <= 6 else []
+    table = Table("metric", "all", *show_groups)
+    table.columns[0].no_wrap = True
+    for name, vals in agg["overall"].items():
+        for k, v in vals.items():
+            table.add_row(k, md_num(v), *(md_num(agg["by_group"][g].get(name, {}).get(k)) for g in show_groups))
+    return table
+
+def md_num(v: Any) -> str:
+    return fmt_cell(v, ".4g", "-")

@@ -1,0 +1,455 @@
+"""Running a benchmark: ``gooddrag bench`` (edit, then score, every sample) and ``gooddrag score``
+(score any method's results), with resume and per-sample failure records.
+
+Bench layout of ``--out DIR``::
+
+    DIR/samples/<sample id>/result.png, points.png, run.json   one edit (written atomically)
+    DIR/samples/<sample id>/scores.json                        cached scores of that edit
+    DIR/results.csv, summary.json, report.md, plot_*.png
+
+Resume rule: a sample whose ``run.json`` is complete (valid JSON with ``final_handles``, next to its
+``result.png``) is not edited again unless ``--force``; a failed or missing one is (re)tried.
+``results.csv`` and ``summary.json`` are rewritten atomically after every sample, so an interrupted
+run leaves consistent files (unfinished samples have status ``missing``) and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+from PIL import Image
+
+from gooddrag.core.config import DEFAULT_MODEL
+from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
+from gooddrag.core.params import build_params
+from gooddrag.core.registry import Registry, default_registry
+from gooddrag.core.samples import Sample
+from gooddrag.app.bench.report import write_report
+from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, error_line, final_points, hash_file, metric_keys,
+                                        new_row, read_run_json, sample_dir, score_row, write_tables)
+#: result files accepted by ``score`` inside a per-sample folder, in order of preference
+RESULT_NAMES = ("result.png", "output_image.png", "dragged_image.png")
+FLAT_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- selection ----------------------------------------------------------------------------------
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> (i, n); None -> None."""
+    if text is None or text == "":
+        return None
+    i, sep, n = str(text).partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        ii, nn = int(i), int(n)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: write it as i/n, e.g. --shard 0/4 (0-based i < n)") from None
+    if nn < 1 or not 0 <= ii < nn:
+        raise ConfigError(f"--shard {text!r}: need n >= 1 and 0 <= i < n, e.g. --shard 0/{max(nn, 2)}")
+    return ii, nn
+
+
+def open_dataset(registry: Registry, folder: Path, name: str = "auto") -> tuple[Any, str]:
+    """The dataset reader for ``folder``: by name, or the single registered format that detects it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
+    if name and name != "auto":
+        cls = registry.get("dataset", name)
+        if not cls.detect(folder):
+            doc = (cls.__doc__ or "").strip().splitlines()
+            raise BadInputError(f"{str(folder)!r} does not look like a {name} folder"
+                                + (f" ({doc[0].rstrip('.')})" if doc else "") + "; check the path or --dataset")
+    else:
+        found = [cls for _, cls in registry.items("dataset") if cls.detect(folder)]
+        if not found:
+            raise BadInputError(f"{str(folder)!r} is not a dataset folder of any known format "
+                                f"({', '.join(registry.names('dataset'))}); see docs/evaluation.md")
+        if len(found) > 1:
+            raise ConfigError(f"{str(folder)!r} looks like several formats ({', '.join(c.name for c in found)}); "
+                              "pass --dataset NAME")
+        cls = found[0]
+    return cls(build_params("dataset", cls, {})), cls.name
+
+
+def select_samples(dataset: Any, folder: Path, limit: int | None = None,
+                   shard: tuple[int, int] | None = None) -> list[Sample]:
+    """Samples sorted by id; ``limit`` keeps the first N, then ``shard`` (i, n) keeps every n-th from i."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give a positive number of samples")
+    out: list[Sample] = []
+    for s in dataset.samples(Path(folder)):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(s)
+    out.sort(key=lambda s: s.id)
+    if shard is not None:
+        i, n = shard
+        out = out[i::n]
+    return out
+
+
+def load_metrics(registry: Registry, names: str | Sequence[str], metric_params: Sequence[str] = ()) -> list[Any]:
+    """Metric instances for a comma-separated list; ``metric_params`` are ``name.field=value``.
+    Each metric's ``check()`` runs here (before any model loads)."""
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if not wanted:
+        raise ConfigError("--metrics is empty; pass e.g. --metrics dai")
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"--metrics {','.join(wanted)}: a metric is listed twice")
+    given: dict[str, dict[str, str]] = {}
+    for item in metric_params:
+        key, sep, value = item.partition("=")
+        metric, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(f"bad metric parameter {item!r}; write it as metric.field=value, e.g. dai.gammas=1,5")
+        if metric not in wanted:
+            raise ConfigError(f"metric parameter {item!r} is for {metric!r}, which is not in --metrics")
+        given.setdefault(metric, {})[field] = value.strip()
+    out = []
+    for name in wanted:
+        cls = registry.get("metric", name)
+        metric = cls(build_params("metric", cls, given.get(name, {})))
+        metric.check()
+        out.append(metric)
+    return out
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BenchOptions:
+    """Everything ``gooddrag bench`` takes (the CLI fills it)."""
+
+    dataset_dir: Path
+    out: Path
+    dataset: str = "auto"
+    limit: int | None = None
+    shard: str | None = None
+    metrics: str = "dai"
+    metric_params: tuple[str, ...] = ()
+    force: bool = False
+    runner: str = "local"
+    model: str = DEFAULT_MODEL
+    vae: str = "auto"
+    preset: str = "gooddrag"
+    schedule: str | None = None
+    loss: str | None = None
+    tracker: str | None = None
+    params: tuple[str, ...] = ()
+    lora: str = "auto"
+    device: str = "auto"
+    dtype: str = "fp32"
+    attention: str = "auto"
+    seed: int = 0
+    width: int = 512
+    prompts: bool = True
+
+
+def _method_diff(want: dict, have: dict) -> str | None:
+    for f in METHOD_FIELDS:
+        if f not in want or f not in have:
+            continue
+        a, b = want[f], have[f]
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                if k in b and a[k] != b[k]:
+                    return f"{f}.{k}: {b[k]!r} there, {a[k]!r} now"
+        elif a != b:
+            return f"{f}: {b!r} there, {a!r} now"
+    return None
+
+
+class _Progress:
+    """A rich progress bar with ETA on a terminal; one line per sample otherwise."""
+
+    def __init__(self, total: int, log: Log, tty: bool):
+        self.total, self.log, self.done, self.bar = total, log, 0, None
+        if tty and total:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task("bench", total=total)
+            self.bar.start()
+
+    def step(self, row: dict, first_key: tuple[str, str] | None) -> None:
+        self.done += 1
+        val = ""
+        if first_key and row["status"] == "ok":
+            v = row["scores"].get(first_key[0], {}).get(first_key[1])
+            val = f" {first_key[1]}={v:.4g}" if v is not None else ""
+        t = sum(row["timings"].values()) if row["timings"] else 0.0
+        msg = f"[{self.done}/{self.total}] {row['id']}: {row['status']}{val} ({t:.1f} s)" + (
+            f" - {row['error']}" if row["error"] else "")
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=row["id"])
+            if row["status"] != "ok":
+                self.bar.console.print(msg)
+        else:
+            self.log(msg)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: Iterable[Any] = (),
+              log: Log = _stderr, tty: bool | None = None) -> dict:
+    """Validate everything, then edit and score the selected samples. Returns the summary dict."""
+    from gooddrag.core.config import resolve_config
+
+    reg = registry or default_registry()
+    t_start = time.perf_counter()
+    # 1. everything that can be checked without a model
+    cfg = resolve_config(reg, preset=opts.preset, schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
+                         overrides=list(opts.params), model=opts.model, vae=opts.vae, lora=opts.lora,
+                         device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed,
+                         width=opts.width)
+    metrics = load_metrics(reg, opts.metrics, opts.metric_params)
+    runner_cls = reg.get("runner", opts.runner)
+    runner = runner_cls(build_params("runner", runner_cls, {}))
+    shard = parse_shard(opts.shard)
+    dataset, dataset_name = open_dataset(reg, opts.dataset_dir, opts.dataset)
+    samples = select_samples(dataset, opts.dataset_dir, opts.limit, shard)
+    if not samples:
+        raise BadInputError(f"no samples selected in {str(opts.dataset_dir)!r}"
+                            + (f" (--shard {opts.shard})" if shard else ""))
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {str(out)!r} is a file; give a folder")
+    root = out / "samples"
+    want = cfg.to_dict()
+    rows = {s.id: new_row(s) for s in samples}
+    by_id = {s.id: s for s in samples}
+    pending: list[Sample] = []
+    done_reports: dict[str, dict] = {}
+    for s in samples:
+        folder = sample_dir(root, s.id)
+        report = None if opts.force else read_run_json(folder)
+        if report is None:
+            pending.append(s)
+            continue
+        diff = _method_diff(want, report.get("config") or {})
+        if diff:
+            raise ConfigError(f"{folder / 'run.json'} was made with another config ({diff}); "
+                              "use another --out, or --force to redo every sample")
+        done_reports[s.id] = report
+    dataset_info = {"name": dataset_name, "folder": str(opts.dataset_dir), "selected": len(samples),
+                    "limit": opts.limit, "shard": opts.shard}
+    config_info = {**want, "runner": opts.runner, "prompts": "sample" if opts.prompts else "empty"}
+    ordered = [rows[s.id] for s in samples]
+
+    def flush() -> dict:
+        summary = build_summary(ordered, metrics, command="bench", dataset=dataset_info, config=config_info,
+                                wall_s=time.perf_counter() - t_start)
+        write_tables(out, ordered, metrics, summary)
+        return summary
+
+    out.mkdir(parents=True, exist_ok=True)
+    # 2. resumed samples: reuse their edit, score (cached in scores.json)
+    from gooddrag.plugins.outputs.files import clear_partials
+
+    for sid, report in done_reports.items():
+        row, folder = rows[sid], sample_dir(root, sid)
+        clear_partials(folder)  # staging left by a process killed after this sample was finished
+        _fill_from_report(row, report, by_id[sid])
+        row["resumed"], row["result_path"] = True, folder / "result.png"
+        try:
+            image = _load_result(folder / "result.png")
+            score_row(row, metrics, by_id[sid], image, row["final_handles"], folder / "scores.json",
+                      hash_file(folder / "run.json"))
+        except GoodDragError as exc:
+            row["status"], row["error"] = "failed", error_line(exc)
+    if done_reports:
+        log(f"resuming: {len(done_reports)} of {len(samples)} samples already edited"
+            + ("" if pending else "; nothing to edit (use --force to redo them)"))
+    flush()
+    # 3. edit the rest, one model for all
+    first_key = None
+    progress = _Progress(len(pending), log, sys.stderr.isatty() if tty is None else tty)
+
+    def make_worker() -> Callable[[Sample], dict]:
+        from gooddrag.core.editor import Editor
+
+        editor = Editor.from_pretrained(opts.model, vae=opts.vae, device=opts.device, dtype=opts.dtype,
+                                        attention=opts.attention, registry=reg)
+        return lambda sample: _edit_one(editor, sample, sample_dir(root, sample.id), opts, list(plugins),
+                                        dataset_name)
+
+    results = runner.run(pending, make_worker)
+    try:
+        for outcome in results:
+            sample = outcome["sample"]
+            row = rows[sample.id]
+            row["edited"] = True
+            if outcome["error"] is not None:
+                row["status"], row["error"] = "failed", outcome["error"]
+            else:
+                folder = sample_dir(root, sample.id)
+                _fill_from_report(row, outcome["report"], sample)
+                row["result_path"] = folder / "result.png"
+                score_row(row, metrics, sample, outcome["image"], row["final_handles"], folder / "scores.json",
+                          hash_file(folder / "run.json"))
+            if first_key is None:
+                keys = metric_keys(ordered, metrics)
+                first_key = keys[0] if keys else None
+            progress.step(row, first_key)
+            flush()
+    except KeyboardInterrupt:
+        progress.stop()
+        flush()
+        n_done = sum(r["status"] != "missing" for r in ordered)
+        log(f"interrupted: {n_done} of {len(ordered)} samples are recorded in {out / 'results.csv'}; "
+            "run the same command again to resume")
+        raise
+    finally:
+        progress.stop()
+        close = getattr(results, "close", None)
+        if close:
+            close()
+    summary = flush()
+    head = [f"Dataset: {dataset_name} `{opts.dataset_dir}`, {len(samples)} samples"
+            + (f" (--limit {opts.limit})" if opts.limit else "") + (f" (--shard {opts.shard})" if shard else ""),
+            "",
+            f"Method: preset `{cfg.preset}` ({cfg.schedule} + {cfg.loss} + {cfg.tracker}), model `{cfg.model}`, "
+            f"lora `{cfg.lora}`, {cfg.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
+            f"{'the samples' if opts.prompts else 'empty'}; full config in summary.json", ""]
+    write_report(out, ordered, metrics, summary, by_id, "gooddrag bench report", head)
+    return summary
+
+
+def _load_result(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except OSError as exc:
+        raise BadInputError(f"{path} is not a readable image ({type(exc).__name__})") from None
+
+
+def _fill_from_report(row: dict, report: dict, sample: Sample) -> None:
+    row["final_handles"] = final_points(report, len(sample.pairs))
+    t = report.get("timings_s") or {}
+    row["timings"] = {k: float(v) for k, v in t.items() if isinstance(v, (int, float))}
+
+
+def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plugins: list, dataset_name: str) -> dict:
+    """Edit one sample and write its folder atomically; failures come back as an error line."""
+    from gooddrag.plugins.outputs.files import clear_partials, staging, write_result_files
+
+    # A pair whose handle is its own target (Drag100 plants_3 has four) is not dragged: the engine
+    # refuses it. Its final handle is the handle itself; every pair still counts in the metrics.
+    keep = [i for i, (h, t) in enumerate(sample.pairs) if tuple(h) != tuple(t)]
+    try:
+        if not keep:
+            raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
+        clear_partials(folder)  # this sample is pending: anything half-written there is from a killed run
+        with staging(folder) as tmp:
+            res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
+                              schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
+                              overrides=list(opts.params), lora=opts.lora,
+                              prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
+                              plugins=plugins)
+            finals = [[float(c) for c in h] for h, _ in sample.pairs]
+            for i, f in zip(keep, res.points):
+                finals[i] = list(f)
+            res.report["bench"] = {"sample": sample.id, "group": sample.group, "dataset": dataset_name,
+                                   "dataset_folder": str(opts.dataset_dir),
+                                   "pairs": [[list(h), list(t)] for h, t in sample.pairs],
+                                   "dragged_pairs": keep, "final_handles_all_pairs": finals,
+                                   "prompt": sample.prompt if opts.prompts else ""}
+            write_result_files(tmp, sample.image, res)
+        return {"sample": sample, "error": None, "image": res.image, "report": res.report}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        return {"sample": sample, "error": error_line(exc), "image": None, "report": None}
+
+
+# --- score ----------------------------------------------------------------------------------------
+
+
+def find_result(results_dir: Path, sample_id: str) -> Path | None:
+    """The result image of ``sample_id`` under ``results_dir`` (see docs/evaluation.md), or None."""
+    roots = [results_dir / "samples", results_dir] if (results_dir / "samples").is_dir() else [results_dir]
+    parts = sample_id.split("/")
+    for root in roots:
+        folder = root.joinpath(*parts)
+        for name in RESULT_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+        for stem in dict.fromkeys([sample_id, sample_id.replace("/", "__")]):
+            for ext in FLAT_EXTS:
+                path = root / (stem + ext)
+                if path.is_file():
+                    return path
+    return None
+
+
+def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", metrics: str = "dai",
+              metric_params: Sequence[str] = (), out: Path | None = None, registry: Registry | None = None,
+              log: Log = _stderr) -> dict:
+    """Score a folder of results of any method against the dataset. Returns the summary dict."""
+    reg = registry or default_registry()
+    t_start = time.perf_counter()
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise BadInputError(f"results folder {str(results_dir)!r} does not exist or is not a folder")
+    mets = load_metrics(reg, metrics, metric_params)
+    ds, ds_name = open_dataset(reg, dataset_dir, dataset)
+    samples = select_samples(ds, dataset_dir)
+    if not samples:
+        raise BadInputError(f"no samples found in {str(dataset_dir)!r}")
+    out = Path(out) if out is not None else results_dir
+    rows = [new_row(s) for s in samples]
+    config = None
+    for s, row in zip(samples, rows):
+        path = find_result(results_dir, s.id)
+        if path is None:
+            continue
+        row["result_path"] = path
+        report = None
+        if path.name in RESULT_NAMES and (path.parent / "run.json").is_file():
+            with contextlib.suppress(OSError, ValueError):
+                report = json.loads((path.parent / "run.json").read_text())
+            if isinstance(report, dict):
+                _fill_from_report(row, report, s)
+                config = config or report.get("config")
+        try:
+            image = _load_result(path)
+        except BadInputError as exc:
+            row["status"], row["error"] = "failed", error_line(exc)
+            continue
+        score_row(row, mets, s, image, row["final_handles"])
+    found = sum(r["status"] != "missing" for r in rows)
+    if not found:
+        log(f"warning: no result image found for any of the {len(samples)} samples in {results_dir}; "
+            "see docs/evaluation.md for the accepted layouts")
+    dataset_info = {"name": ds_name, "folder": str(dataset_dir), "selected": len(samples)}
+    summary = build_summary(rows, mets, command="score", dataset=dataset_info, config=config,
+                            extra={"results_dir": str(results_dir)}, wall_s=time.perf_counter() - t_start)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(out, rows, mets, summary)
+    write_report(out, rows, mets, summary, {s.id: s for s in samples}, "gooddrag score report",
+                 [f"Results: `{results_dir}`", "", f"Dataset: {ds_name} `{dataset_dir}`, {len(samples)} samples", ""])
+    return summary

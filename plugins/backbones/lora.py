@@ -1,0 +1,154 @@
+"""The per-image LoRA (SPEC 3) of a Stable Diffusion backbone: trained once per image on random
+crops, cached on disk by everything that changes it, and fused into the UNet for editing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gooddrag.core.errors import BadInputError
+
+LORA_ADAPTER = "gooddrag"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def cache_root() -> Path:
+    """$GOODDRAG_CACHE or ~/.cache/gooddrag."""
+    return Path(os.environ.get("GOODDRAG_CACHE") or Path.home() / ".cache" / "gooddrag")
+
+
+class PerImageLora:
+    """Adds, trains, caches, loads, fuses and drops the LoRA adapter of one backbone's UNet."""
+
+    def __init__(self, backbone: Any):
+        self.backbone = backbone
+        self._unfused: dict[str, torch.Tensor] | None = None  # base weights while a LoRA is fused in
+
+    @property
+    def unet(self) -> Any:
+        return self.backbone.unet
+
+    @property
+    def pipe(self) -> Any:
+        return self.backbone.pipe
+
+    def apply(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
+        """Apply the per-image LoRA: ``off``, ``auto`` (train or load from the disk cache) or a path.
+        ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done."""
+        self.drop()
+        if mode == "off":
+            return "off"
+        if mode != "auto":
+            self.load(Path(mode))
+            status = f"loaded {mode}"
+        else:
+            folder = cache_root() / "lora" / self.key(image, params)
+            if (folder / "pytorch_lora_weights.safetensors").exists():
+                self.load(folder)
+                status = f"cached {folder}"
+            else:
+                if on_train:
+                    on_train()
+                self.train(image, params)
+                self.save(folder)
+                status = f"trained {folder}"
+        if params.fuse:
+            # unfusing subtracts the update again, which is not exact in floating point: keep the
+            # original weights (on the host, once per edit) so dropping the LoRA restores them bit for bit
+            self._unfused = {n: q.detach().to("cpu", copy=True) for n, q in self.unet.named_parameters()
+                             if ".base_layer." in n}
+            self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[LORA_ADAPTER])
+        return status
+
+    def key(self, image: torch.Tensor, params: Any) -> str:
+        h = hashlib.sha256()
+        h.update(image.detach().float().cpu().numpy().tobytes())
+        b = self.backbone
+        h.update(json.dumps([b.model_id, b.prompt, params.cache_fields(), str(b.dtype)]).encode())
+        return h.hexdigest()[:24]
+
+    def drop(self) -> None:
+        if self._unfused is not None:
+            self.pipe.unfuse_lora(components=["unet"])
+            with torch.no_grad():
+                for n, q in self.unet.named_parameters():
+                    if n in self._unfused:
+                        q.copy_(self._unfused[n])
+            self._unfused = None
+        if getattr(self.unet, "peft_config", None) and LORA_ADAPTER in self.unet.peft_config:
+            self.unet.delete_adapters(LORA_ADAPTER)
+
+    def load(self, path: Path) -> None:
+        if not path.exists():
+            raise BadInputError(f"--lora {path}: no such file or folder; pass a LoRA saved by gooddrag/diffusers, auto or off")
+        self.pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+        self.unet.requires_grad_(False)
+
+    def save(self, folder: Path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER))
+        type(self.pipe).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process cached it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def train(self, image: torch.Tensor, params: Any) -> None:
+        """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled."""
+        from peft import LoraConfig
+
+        b = self.backbone
+        self.unet.add_adapter(LoraConfig(r=params.rank, lora_alpha=params.rank, init_lora_weights="gaussian",
+                                         target_modules=LORA_TARGETS), adapter_name=LORA_ADAPTER)
+        lora = [q for q in self.unet.parameters() if q.requires_grad]
+        for q in lora:
+            q.data = q.data.float()
+        gen = torch.Generator().manual_seed(params.seed)
+        crops = _random_crops(image, params.crop, params.batch_size, gen)  # (B, 3, c, c)
+        with torch.no_grad():
+            dist = b.vae.encode(crops.to(b.device, b.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
+        opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay)
+        emb = b.text_embedding(crops.shape[0])
+        sched = self.pipe.scheduler
+        for _ in range(params.steps):
+            latents = (mean + std * torch.randn(mean.shape, generator=gen).to(b.device)) * b.scaling
+            noise = torch.randn(latents.shape, generator=gen).to(b.device)
+            t = torch.randint(0, b.num_train_timesteps, (latents.shape[0],), generator=gen).to(b.device)
+            noisy = sched.add_noise(latents, noise, t)
+            with torch.autocast(b.device.type, dtype=b.dtype, enabled=b.dtype != torch.float32):
+                pred = self.unet(noisy.to(b.dtype), t, encoder_hidden_states=emb, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for q in lora:
+            q.requires_grad_(False)
+            q.data = q.data.to(b.dtype)
+
+
+def _random_crops(image: torch.Tensor, size: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Resize the short side to ``size`` (bilinear) and draw ``n`` random size x size crops."""
+    _, _, h, w = image.shape
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    img = F.interpolate(image.float(), size=(nh, nw), mode="bilinear", align_corners=False)
+    out = []
+    for _ in range(n):
+        top = int(torch.randint(0, nh - size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, nw - size + 1, (1,), generator=gen))
+        out.append(img[:, :, top:top + size, left:left + size])
+    return torch.cat(out)

@@ -1,0 +1,81 @@
+"""The files of one edit (result.png, points.png, run.json, and whatever the writers add), written
+atomically: all go to a hidden temporary folder first and are moved into place only after the edit
+succeeded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image, ImageDraw
+
+
+def to_pil(x: Any) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] -> PIL."""
+    arr = (x[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(arr)
+
+
+def draw_points(image: Image.Image, handles, targets, finals=None) -> Image.Image:
+    """Handles red, targets blue, arrows white, final handles green."""
+    im = image.convert("RGB").copy()
+    d = ImageDraw.Draw(im)
+    r = max(3, min(im.size) // 100)
+    for i, (h, t) in enumerate(zip(handles, targets)):
+        d.line([tuple(h), tuple(t)], fill=(255, 255, 255), width=max(1, r // 2))
+        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=(230, 40, 40))
+        d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=(40, 90, 230))
+        if finals is not None:
+            f = finals[i]
+            d.ellipse([f[0] - r, f[1] - r, f[0] + r, f[1] + r], outline=(40, 220, 40), width=max(1, r // 2))
+    return im
+
+
+def points_figure(original: Image.Image, result: Image.Image, report: dict) -> Image.Image:
+    """Input with handles/targets beside the result with final handles."""
+    left = draw_points(original, report["handles"], report["targets"])
+    right = draw_points(result, report["handles"], report["targets"], report["final_handles"])
+    w, h = original.size
+    fig = Image.new("RGB", (2 * w + 8, h), (255, 255, 255))
+    fig.paste(left, (0, 0))
+    fig.paste(right, (w + 8, 0))
+    return fig
+
+
+@contextlib.contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A hidden temporary folder inside ``out_dir``; on success its files replace those in
+    ``out_dir`` (each by an atomic rename); on failure it is removed and nothing is left behind."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
+
+
+def clear_partials(out_dir: Path) -> None:
+    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up."""
+    for stale in Path(out_dir).glob(".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_result_files(tmp: Path, original: Image.Image, result: Any) -> None:
+    """result.png, points.png and run.json into the staging folder."""
+    result.image.save(tmp / "result.png")
+    points_figure(original, result.image, result.report).save(tmp / "points.png")
+    (tmp / "run.json").write_text(json.dumps(result.report, indent=2) + "\n")
