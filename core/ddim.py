@@ -41,6 +41,11 @@ class DDIM:
         """Noise one step from t - stride up to t (eps predicted on z at level t - stride, given t)."""
         return self._move(z, eps, self.alpha(t - self.stride), self.alpha(t))
 
+    def predict_x0(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """The clean latent the model predicts from z at level t: what the image is becoming."""
+        a = self.alpha(t)
+        return (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+
     @staticmethod
     def _move(z: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
         x0 = (z - (1 - a_from) ** 0.5 * eps) / a_from ** 0.5

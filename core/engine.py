@@ -124,9 +124,9 @@ class Events:
     def wants_preview(self) -> bool:
         return self._on["gooddrag_preview"]
 
-    def preview(self, timestep: int, drag: int, latent: torch.Tensor) -> None:
+    def preview(self, timestep: int, drag: int, latent: torch.Tensor, x0: torch.Tensor, handles: torch.Tensor) -> None:
         if self._on["gooddrag_preview"]:
-            self._hook.gooddrag_preview(timestep=timestep, drag=drag, latent=latent.detach())
+            self._hook.gooddrag_preview(timestep=timestep, drag=drag, latent=latent.detach(), x0=x0, handles=handles)
 
 
 @attrs.define
@@ -148,6 +148,16 @@ class DragContext:
     def forward(self, z: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """eps (1, 4, h, w) and features (1, C, H/2, W/2) of the latent at t, in one UNet pass."""
         return self.backbone.eps_and_features(z, t)
+
+    def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
+        """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
+        latent predicted from ``z`` at t. Costs one UNet pass, and only when a plugin listens."""
+        if not self.events.wants_preview:
+            return
+        with torch.no_grad():
+            z = z.detach()
+            x0 = self.backbone.sampler(len(self.timesteps)).predict_x0(z, self.backbone.eps(z, t), t)
+        self.events.preview(t, drag, z, x0, self.points.handles)
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""

@@ -114,9 +114,12 @@ def gooddrag_phase(name: str, status: str) -> None:
 
 
 @hookspec
-def gooddrag_preview(timestep: int, drag: int, latent: Any) -> None:
-    """Called after each drag (B-loop iteration) with the current latent, for animation writers.
-    Only called when some plugin implements it."""
+def gooddrag_preview(timestep: int, drag: int, latent: Any, x0: Any, handles: Any) -> None:
+    """Called after each drag (B-loop iteration), for animations and live previews: ``latent`` is the
+    current latent (1, 4, h, w) at ``timestep`` (mostly noise), ``x0`` the clean latent the model
+    predicts from it (decode it to see what the image is becoming), ``handles`` the current handles
+    (N, 2) (row, col) on the feature grid. Only called, and x0 only computed (one extra UNet pass
+    per drag), when some plugin implements it."""
 
 
 @hookspec

@@ -84,7 +84,7 @@ class AlDD:
                 pts.handles = moved
                 drags += 1
                 ev.tracked(t, b + 1, pts.handles)
-                ev.preview(t, b, z)
+                ctx.preview(t, b, z)
                 if stop:
                     break
             z = z.detach()

@@ -56,7 +56,7 @@ class SingleStep:
             parts.total.backward()
             opt.step()
             ev.step(t, step, step, parts)
-            ev.preview(t, step, z)
+            ctx.preview(t, step, z)
             done += 1
             if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
                 reason = "loss_threshold"
