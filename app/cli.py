@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,8 +31,14 @@ def _version(value: bool) -> None:
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    disable_plugin: List[str] = typer.Option([], "--disable-plugin", metavar="NAME",
+                                             help="Skip the plugin with this entry-point name (repeatable; "
+                                                  "also GOODDRAG_DISABLE_PLUGINS=a,b)."),
 ) -> None:
+    from gooddrag.core.registry import set_disabled
+
     _STATE["debug"] = debug
+    set_disabled(disable_plugin)
 
 
 @app.command()
@@ -114,7 +121,7 @@ def edit(
 
 @app.command()
 def plugins(params: bool = typer.Option(False, "--params", help="Also list every parameter with its default.")) -> None:
-    """List every registered component (built-in and third-party)."""
+    """List every plugin (loaded, broken, disabled) and every component it registered."""
     from rich.console import Console
     from rich.table import Table
 
@@ -122,6 +129,13 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
     from gooddrag.core.registry import KINDS, default_registry
 
     reg = default_registry()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping when piped
+    found = Table("plugin", "status", "from", "components / reason", title="plugins")
+    for name, info in sorted(reg.infos.items()):
+        what = (f"{info.reason}; {info.fix}" if info.status == "broken"
+                else ", ".join(f"{k} {n}" for k, n in info.components) or "(nothing)")
+        found.add_row(name, info.status, info.source, what)
+    console.print(found)
     table = Table("kind", "name", "plugin", "description", *(["params (default) - help"] if params else []),
                   show_lines=params)
     for kind in KINDS:
@@ -134,7 +148,7 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
                 else:
                     row.append("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)) or "(none)")
             table.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)  # no wrapping when piped
+    console.print(table)
 
 
 def _not_yet(what: str) -> None:
@@ -153,12 +167,35 @@ app.command()(bench)
 app.command()(score)
 
 
+@contextlib.contextmanager
+def _plugin_warnings_as_lines():
+    """A skipped plugin is reported as one ``warning: ...`` line on stderr, not a Python warning."""
+    from gooddrag.core.registry import PluginWarning, set_disabled
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PluginWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            set_disabled(())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app; a GoodDragError becomes ``error: <message>`` and exit code 2."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
-        rv = app(args=args, prog_name="gooddrag", standalone_mode=False)
+        with _plugin_warnings_as_lines():
+            rv = app(args=args, prog_name="gooddrag", standalone_mode=False)
         return rv if isinstance(rv, int) else 0  # typer returns 130 for a Ctrl-C it caught
     except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, resolve_config
+from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
 from gooddrag.core.errors import ConfigError
@@ -85,8 +86,9 @@ class Editor:
             torch.cuda.reset_peak_memory_stats(b.device)
         hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
         schedule = reg.get("schedule", cfg.schedule)(cfg.schedule_params)
-        loss = reg.get("loss", cfg.loss)(cfg.loss_params)
-        tracker = reg.get("tracker", cfg.tracker)(cfg.tracker_params)
+        loss = CheckedLoss(reg.get("loss", cfg.loss)(cfg.loss_params), cfg.loss, reg.owner("loss", cfg.loss))
+        tracker = CheckedTracker(reg.get("tracker", cfg.tracker)(cfg.tracker_params), cfg.tracker,
+                                 reg.owner("tracker", cfg.tracker))
         torch.manual_seed(cfg.seed)
         b.set_prompt(prompt)
         image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]

@@ -23,7 +23,7 @@ from gooddrag.core.errors import RequirementError
 from gooddrag.plugins.backbones.tiny_pipeline import build_tiny_pipeline, load_tiny_pipeline, tiny_pipeline_dir  # noqa: F401
 from gooddrag.testing.toy import ToyBackbone
 
-__all__ = ["ToyBackbone", "build_tiny_pipeline", "load_tiny_pipeline", "tiny_pipeline_dir", "make_toy_context",
+__all__ = ["ContractError", "TRACK_TOLERANCE", "ToyBackbone", "build_tiny_pipeline", "load_tiny_pipeline", "tiny_pipeline_dir", "make_toy_context",
            "check_params", "check_component", "check_schedule", "check_loss", "check_tracker", "check_backbone",
            "check_metric"]
 
@@ -48,52 +48,90 @@ def make_toy_context(loss: Any = None, tracker: Any = None, *, size: int = 8, nu
                        mask=m, mask_is_empty=False, events=Events(None))
 
 
+class ContractError(AssertionError):
+    """A component broke its contract; the message says what was expected and what came back."""
+
+
+def expect(ok: Any, what: str, expected: str, got: Any) -> None:
+    """Raise ContractError ``what: expected ..., got ...`` unless ``ok``."""
+    if not ok:
+        raise ContractError(f"{what}: expected {expected}, got {got}")
+
+
+#: how far (feature-grid px) a tracker may land from a planted exact copy of the reference feature
+TRACK_TOLERANCE = 0.5
+
+
 def check_params(kind: str, cls: type) -> Any:
     """Params is a frozen, keyword-only attrs class whose defaults construct; returns the defaults."""
-    assert isinstance(getattr(cls, "name", None), str) and cls.name, f"{kind} needs a non-empty str name"
-    assert (cls.__doc__ or "").strip(), f"{kind} {cls.name!r} needs a docstring"
-    P = cls.Params
-    assert attrs.has(P), f"{kind} {cls.name!r}: Params must be an attrs class"
+    name = getattr(cls, "name", None)
+    expect(isinstance(name, str) and name, f"{kind} class {cls.__name__}.name", "a non-empty str", repr(name))
+    expect((cls.__doc__ or "").strip(), f"{kind} {name!r} docstring", "a one-line description", repr(cls.__doc__))
+    P = getattr(cls, "Params", None)
+    expect(P is not None and attrs.has(P), f"{kind} {name!r}.Params", "an attrs class (@attrs.frozen(kw_only=True))",
+           repr(P))
     fields = attrs.fields(P)
-    assert all(f.kw_only for f in fields), f"{kind} {cls.name!r}: Params fields must be keyword-only"
-    params = P()
+    loose = [f.name for f in fields if not f.kw_only]
+    expect(not loose, f"{kind} {name!r}.Params fields", "keyword-only (kw_only=True)", f"positional {loose}")
+    try:
+        params = P()
+    except Exception as exc:
+        raise ContractError(f"{kind} {name!r}.Params(): expected the defaults to construct, got "
+                            f"{type(exc).__name__}: {exc}") from None
     for f in fields:
         try:
             setattr(params, f.name, getattr(params, f.name))
         except attrs.exceptions.FrozenInstanceError:
             continue
-        raise AssertionError(f"{kind} {cls.name!r}: Params must be frozen")
+        raise ContractError(f"{kind} {name!r}.Params: expected a frozen class, got one whose field {f.name!r} "
+                            "can be assigned")
     return params
 
 
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
 def check_tracker(cls: type) -> None:
-    """A tracker finds an exact copy of the reference vector planted near each point."""
+    """A tracker returns points like its input and finds an exact copy of the reference vector planted
+    near each point (within TRACK_TOLERANCE feature px)."""
     tracker = cls(check_params("tracker", cls))
     g = torch.Generator().manual_seed(0)
     feats = torch.rand(1, 8, 32, 32, generator=g)  # (1, C, H, W)
-    points = torch.tensor([[10.0, 10.0], [20.0, 5.0]])
+    points = torch.tensor([[10.0, 10.0], [20.0, 5.0]])  # (N, 2) (row, col)
     planted = torch.tensor([[11.0, 12.0], [19.0, 6.0]])
-    ref = torch.rand(2, 8, generator=g) + 2.0
+    ref = torch.rand(2, 8, generator=g) + 2.0  # (N, C)
     for (r, c), v in zip(planted.long().tolist(), ref):
         feats[0, :, r, c] = v
     out = tracker.track(ref, feats, points)
-    assert out.shape == points.shape and out.dtype == points.dtype, "track must return (N, 2) like its input"
-    assert torch.equal(out, planted), f"{cls.name!r} did not find the planted features: {out.tolist()}"
+    like = isinstance(out, torch.Tensor) and out.shape == points.shape and out.dtype == points.dtype
+    expect(like, f"tracker {cls.name!r}.track(...)", f"{_describe(points)} like its input points", _describe(out))
+    err = float((out - planted).abs().max())
+    expect(err <= TRACK_TOLERANCE, f"tracker {cls.name!r} on planted features",
+           f"{planted.tolist()} within {TRACK_TOLERANCE} px", f"{out.tolist()}")
 
 
 def check_loss(cls: type) -> None:
-    """A loss returns finite 0-d parts whose total has a finite gradient on the latent."""
+    """A loss returns finite 0-d parts whose total has a finite, non-zero gradient on the latent."""
     loss = cls(check_params("loss", cls))
     ctx = make_toy_context(loss, mask=True)
     t = ctx.timesteps[ctx.start_index]
     z = ctx.z_start.clone().requires_grad_(True)
     eps, feats = ctx.forward(z, t)
     parts = loss(ctx, z, t, feats, eps, ctx.points)
-    assert isinstance(parts, LossParts)
-    for part in (parts.total, parts.motion, parts.preserve):
-        assert part.dim() == 0 and math.isfinite(float(part.detach()))
+    what = f"loss {cls.name!r}"
+    expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", _describe(parts))
+    for field in ("total", "motion", "preserve"):
+        part = getattr(parts, field)
+        ok = isinstance(part, torch.Tensor) and part.dim() == 0 and math.isfinite(float(part.detach()))
+        expect(ok, f"{what} LossParts.{field}", "a finite 0-d tensor", _describe(part))
     parts.total.backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    grad = z.grad
+    expect(grad is not None, f"{what} total", "a value with a gradient on the latent", "no gradient")
+    expect(torch.isfinite(grad).all() and grad.abs().sum() > 0, f"{what} gradient on the latent",
+           "finite and non-zero", f"sum |grad| = {float(grad.abs().sum())}")
 
 
 def check_schedule(cls: type) -> None:
@@ -106,29 +144,42 @@ def check_schedule(cls: type) -> None:
     tracker = reg.get("tracker", "nearest")(reg.get("tracker", "nearest").Params())
     num_steps = schedule.params.num_inference_steps
     start, indices = drag_window(schedule, num_steps)
-    assert indices and all(start <= k < num_steps for k in indices), "drag indices must lie after the start"
+    what = f"schedule {cls.name!r}"
+    expect(indices and all(start <= k < num_steps for k in indices), f"{what}.drag_indices({start}, {num_steps})",
+           f"a non-empty list within [{start}, {num_steps})", indices)
     ctx = make_toy_context(loss, tracker, num_steps=num_steps, start=start, indices=indices)
     out = schedule.run(ctx)
-    assert isinstance(out, Outcome) and out.latent.shape == ctx.z_start.shape
-    assert out.next_index in ctx.reference.latents, "next_index must be a reference index (start .. last drag + 1)"
-    assert out.reason in {"reached", "patience", "schedule_end", "loss_threshold"}
+    expect(isinstance(out, Outcome), f"{what}.run(ctx)", "an Outcome", _describe(out))
+    expect(out.latent.shape == ctx.z_start.shape, f"{what} Outcome.latent", f"shape {tuple(ctx.z_start.shape)}",
+           _describe(out.latent))
+    expect(out.next_index in ctx.reference.latents, f"{what} Outcome.next_index",
+           f"a reference index in {sorted(ctx.reference.latents)} (start .. last drag + 1)", out.next_index)
+    reasons = {"reached", "patience", "schedule_end", "loss_threshold"}
+    expect(out.reason in reasons, f"{what} Outcome.reason", f"one of {sorted(reasons)}", repr(out.reason))
 
 
 def check_backbone(backbone: Any) -> None:
     """Shapes and behaviour of a loaded backbone on a small image."""
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     z = backbone.encode(image.to(backbone.device))
-    assert z.shape == (1, 4, 8, 8) and z.dtype == torch.float32
+    expect(z.shape == (1, 4, 8, 8) and z.dtype == torch.float32, "encode(1x3x64x64)", "float32 (1, 4, 8, 8)",
+           _describe(z))
     ddim = backbone.sampler(10)
     t = ddim.timesteps[2]
     eps, feats = backbone.eps_and_features(z, t)
-    assert eps.shape == z.shape and feats.shape[-2:] == (32, 32)
-    assert backbone.ddim_step(z, eps, t).shape == z.shape
+    expect(eps.shape == z.shape, "eps_and_features eps", f"shape {tuple(z.shape)}", _describe(eps))
+    expect(feats.shape[-2:] == (32, 32), "eps_and_features features", "a (1, C, 32, 32) map", _describe(feats))
+    step = backbone.ddim_step(z, eps, t)
+    expect(step.shape == z.shape, "ddim_step", f"shape {tuple(z.shape)}", _describe(step))
     e_ref, e_edit = backbone.eps_mutual(z, z, t)
-    assert e_ref.shape == e_edit.shape == z.shape
-    assert torch.allclose(e_ref, e_edit, atol=1e-5), "mutual attention with identical branches must change nothing"
+    expect(e_ref.shape == e_edit.shape == z.shape, "eps_mutual", f"two {tuple(z.shape)} tensors",
+           f"{_describe(e_ref)}, {_describe(e_edit)}")
+    diff = float((e_ref - e_edit).abs().max())
+    expect(diff <= 1e-5, "eps_mutual with identical branches", "the same eps for both (max diff <= 1e-5)",
+           f"max diff {diff:.3g}")
     x = backbone.decode(z)
-    assert x.shape == (1, 3, 64, 64) and float(x.min()) >= 0 and float(x.max()) <= 1
+    expect(x.shape == (1, 3, 64, 64) and float(x.min()) >= 0 and float(x.max()) <= 1, "decode",
+           "(1, 3, 64, 64) in [0, 1]", f"{_describe(x)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
 
 
 def check_metric(cls: type, sample: Any = None, result: Image.Image | None = None) -> None:
@@ -137,14 +188,17 @@ def check_metric(cls: type, sample: Any = None, result: Image.Image | None = Non
     try:
         metric.check()
     except RequirementError as exc:
-        assert "\n" not in str(exc), "requirement errors must be one line"
+        expect("\n" not in str(exc), f"metric {cls.name!r}.check() error", "one line", repr(str(exc)))
         return
     if sample is None:
         return
     row = metric.score(sample, result or sample.image, None)
-    assert row and all(k.startswith(cls.name) for k in row), f"keys must start with {cls.name!r}: {list(row)}"
-    assert all(isinstance(v, float) for v in row.values())
-    assert isinstance(metric.aggregate([row, row]), dict)
+    expect(row and all(k.startswith(cls.name) for k in row), f"metric {cls.name!r}.score() keys",
+           f"names starting with {cls.name!r}", list(row or []))
+    bad = {k: type(v).__name__ for k, v in row.items() if not isinstance(v, float)}
+    expect(not bad, f"metric {cls.name!r}.score() values", "floats", bad)
+    agg = metric.aggregate([row, row])
+    expect(isinstance(agg, dict), f"metric {cls.name!r}.aggregate()", "a dict", _describe(agg))
 
 
 def check_component(kind: str, cls: type) -> None:

@@ -199,12 +199,8 @@ class MeanDistance:
     def _load(self) -> dict[str, Any]:
         if self._models is not None:
             return self._models
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from diffusers.utils import deprecation_utils
-        import transformers
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         from gooddrag.core.devices import DTYPES, resolve_device
+        from gooddrag.plugins.backbones.components import load_sd_components
 
         prm = self.params
         device, dtype = resolve_device(prm.device), DTYPES[prm.dtype]
@@ -213,25 +209,18 @@ class MeanDistance:
         local: dict[str, Any] = {"local_files_only": True} if path.is_dir() or hub_offline() else {}
         if not path.is_dir() and hub_cache_dir():
             local["cache_dir"] = hub_cache_dir()
-        # diffusers and transformers both renamed `torch_dtype` to `dtype` (and warn on the old name).
-        dkw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-        tkw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **{dkw: dtype}, **local)
-            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **{dkw: dtype}, **local)
-            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **{tkw: dtype}, **local)
-            tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **local)
-            scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **local)
+            parts = load_sd_components(src, dtype, **local)
         except Exception as exc:  # hub / file errors of diffusers and transformers
             raise ModelNotFoundError(f"md: cannot load DIFT model {prm.model!r} ({type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --metric-param md.model=DIR "
                                      "(a diffusers SD2.1 folder) or download it once") from exc
+        vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
         if prm.up_block >= len(unet.up_blocks):
             raise BadInputError(f"md.up_block={prm.up_block}: the UNet has {len(unet.up_blocks)} up blocks")
         for m in (vae, unet, text_encoder):
             m.to(device).eval().requires_grad_(False)
-        self._models = dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                            scheduler=scheduler, device=device, dtype=dtype)
+        self._models = dict(parts, device=device, dtype=dtype)
         return self._models
 
     def _embedding(self, prompt: str):

@@ -27,5 +27,7 @@ class CosineTracker:
         sim = torch.nn.functional.cosine_similarity(win, ref_vectors[:, :, None, None].to(win.dtype), dim=1)
         best = sim.flatten(1).argmax(1)  # (N,)
         k = 2 * r + 1
-        offset = torch.stack([best // k, best % k], 1) - r
-        return (points.round() + offset).clamp(min=torch.zeros(2), max=torch.tensor([h - 1, w - 1])).to(points.dtype)
+        offset = torch.stack([best // k, best % k], 1) - r  # (N, 2) (row, col)
+        moved = points.round() + offset
+        # clamp to the map with plain numbers: works on any device, no host tensors mixed in
+        return torch.stack([moved[:, 0].clamp(0, h - 1), moved[:, 1].clamp(0, w - 1)], 1).to(points.dtype)
