@@ -59,6 +59,7 @@ def edit(
     device: str = O.DEVICE,
     dtype: str = O.DTYPE,
     attention: str = O.ATTENTION,
+    faithful: bool = O.FAITHFUL,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
@@ -74,7 +75,7 @@ def edit(
     reg = default_registry()
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
                          model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
-                         width=width)
+                         width=width, faithful=faithful)
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
@@ -93,7 +94,8 @@ def edit(
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter
 
-    editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention, registry=reg)
+    editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
+                                    faithful=faithful, registry=reg)
     with staging(out) as tmp:
         plugins: list = []
         tracer = TraceWriter(tmp / "trace.jsonl") if trace else None

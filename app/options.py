@@ -23,6 +23,8 @@ DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>.")
 DTYPE = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16.")
 ATTENTION = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CUDA + the xformers extra).")
 SEED = typer.Option(0, "--seed", help="Random seed.")
+FAITHFUL = typer.Option(False, "--faithful", help="Reference code path: no fast paths, no TF32 (slower; "
+                                                   "for checking that the fast paths change nothing).")
 WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
 OUT = typer.Option(None, "--out", help="Output folder.")
 
@@ -47,4 +49,4 @@ def silence_libraries() -> None:
 
 
 __all__ = ["MODEL", "VAE", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "DEVICE", "DTYPE", "ATTENTION",
-           "SEED", "WIDTH", "OUT", "List", "Optional"]
+           "SEED", "FAITHFUL", "WIDTH", "OUT", "List", "Optional"]

@@ -57,6 +57,7 @@ class EditConfig:
     attention: str = "auto"
     seed: int = 0
     width: int = 512
+    faithful: bool = False  # the reference code path: no fast paths (slower; same result up to rounding)
 
     def params(self, kind: str) -> Any:
         return getattr(self, f"{kind}_params")

@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from gooddrag.core.ddim import start_index as _start_index
-from gooddrag.core.geometry import point_vectors
+from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 
 
 @attrs.frozen
@@ -64,8 +64,10 @@ class Reference:
     cached) and z0_{t-1}, the plain DDIM output; ``latents[k]`` is the reference latent at index k.
     """
 
-    def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int]):
+    def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int],
+                 patch_features: bool = False):
         self.backbone = backbone
+        self.patch_features = patch_features  # hand out FeatureMaps (computed where read), not dense maps
         self.latents: dict[int, torch.Tensor] = {}
         self.prev: dict[int, torch.Tensor] = {}
         self._lowres: dict[int, torch.Tensor] = {}
@@ -83,10 +85,15 @@ class Reference:
                 self.prev[t] = z
             self.latents[max(indices) + 1] = z
 
-    def features(self, t: int) -> torch.Tensor:
-        """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached."""
+    def features(self, t: int) -> Features:
+        """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached (the same
+        object for the whole timestep)."""
         if self._cached is None or self._cached[0] != t:
-            self._cached = (t, self.backbone.upsample_features(self._lowres[t], self._latent_hw))
+            low = self._lowres[t]
+            if self.patch_features:
+                self._cached = (t, FeatureMap(low, feature_grid(self.backbone, self._latent_hw)))
+            else:
+                self._cached = (t, self.backbone.upsample_features(low, self._latent_hw))
         return self._cached[1]
 
     def vectors(self, t: int, points: torch.Tensor) -> torch.Tensor:
@@ -144,10 +151,24 @@ class DragContext:
     mask: torch.Tensor | None  # (1, 1, H/8, W/8) 1 = editable; None = everything editable
     mask_is_empty: bool
     events: Events
+    #: fast paths, all exact (same result up to float rounding); off on the faithful path
+    patch_features: bool = False  # features as a FeatureMap: upsampled only where read
+    reuse_forward: bool = False  # the first gradient step of a timestep reuses the tracking forward
+    features_only: bool = False  # the loss reads no eps: gradient-step passes stop after the feature block
 
-    def forward(self, z: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """eps (1, 4, h, w) and features (1, C, H/2, W/2) of the latent at t, in one UNet pass."""
-        return self.backbone.eps_and_features(z, t)
+    def forward(self, z: torch.Tensor, t: int, *, for_loss: bool = False) -> tuple[torch.Tensor | None, Features]:
+        """eps (1, 4, h, w) and features (1, C, H/2, W/2) of the latent at t, in one UNet pass.
+
+        ``for_loss``: the pass feeds the loss; when the loss reads no eps (``features_only``) the
+        backbone may stop after the feature block and eps is None."""
+        if for_loss and self.features_only:
+            eps, low = self.backbone.eps_and_features(z, t, upsample=False, need_eps=False)
+        else:
+            eps, low = self.backbone.eps_and_features(z, t, upsample=False)
+        hw = z.shape[-2:]
+        if self.patch_features:
+            return eps, FeatureMap(low, feature_grid(self.backbone, hw))
+        return eps, self.backbone.upsample_features(low, hw)
 
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
@@ -165,6 +186,12 @@ class DragContext:
             return z.new_zeros(())
         z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+def feature_grid(backbone: Any, latent_hw: Any) -> tuple[int, int]:
+    """(H/2, W/2): the feature grid of a latent (h, w), ``feature_scale`` (4) times its size."""
+    s = backbone.feature_scale
+    return s * int(latent_hw[0]), s * int(latent_hw[1])
 
 
 def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:

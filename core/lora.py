@@ -1,4 +1,4 @@
-"""Per-image LoRA (SPEC section 3): its settings. Training lives with the backbone (plugins/backbones/lora.py)."""
+"""Per-image LoRA: its settings. Training lives with the backbone (plugins/backbones/lora.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ class LoraParams:
     seed: int = p(0, "seed for crops, posterior samples, noise and t", ge(0))
     crop: int = p(512, "crop size in pixels after resizing the short side to it", ge(8))
     fuse: bool = p(True, "merge the LoRA into the UNet weights for editing (same result, fewer kernels per step)")
+    checkpointing: bool = p(True, "recompute UNet activations in the backward pass while training (same "
+                                  "result; about half the training memory for about a third more time)")
 
     def cache_fields(self) -> dict:
-        """What the trained weights depend on (fusing is how they are applied, not what they are)."""
-        return {k: v for k, v in attrs.asdict(self).items() if k != "fuse"}
+        """What the trained weights depend on (fusing and checkpointing are how they are applied or
+        trained, not what they are)."""
+        return {k: v for k, v in attrs.asdict(self).items() if k not in _HOW}
+
+
+_HOW = ("fuse", "checkpointing")

@@ -30,6 +30,13 @@ class InfoPreserving:
         skip_distance: float = p(2.0, "pairs closer than this to their target add no motion term", ge(0), finite)
         lam: float = p(0.2, "weight of the mask-preservation term (0.1 in the benchmark preset)", ge(0), finite)
 
+    #: reads features only through gooddrag.core.geometry, so it can be given a FeatureMap
+    reads_patches = True
+
+    def uses_eps(self, ctx: DragContext) -> bool:
+        """eps only enters through the mask-preservation term."""
+        return self.params.lam > 0 and ctx.mask is not None
+
     def __init__(self, params: "InfoPreserving.Params"):
         self.params = params
         self.weight = float((2 * params.patch_radius) ** 2)  # 64 for r1=4: the public code's weight

@@ -28,6 +28,13 @@ class PatchFollowing:
         skip_distance: float = p(2.0, "pairs closer than this to their target add no motion term", ge(0), finite)
         lam: float = p(0.1, "weight of the mask-preservation term", ge(0), finite)
 
+    #: reads features only through gooddrag.core.geometry, so it can be given a FeatureMap
+    reads_patches = True
+
+    def uses_eps(self, ctx: DragContext) -> bool:
+        """eps only enters through the mask-preservation term."""
+        return bool(self.params.lam) and ctx.mask is not None and not ctx.mask_is_empty
+
     def __init__(self, params: "PatchFollowing.Params"):
         self.params = params
         self.weight = float((2 * params.patch_radius + 1) ** 2)  # 9 for r=1

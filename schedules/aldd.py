@@ -56,8 +56,13 @@ class AlDD:
             z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
             opt = make_optimizer(z, P.lr)
             ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
-            with torch.no_grad():
-                _, feats = ctx.forward(z, t)
+            ahead = None  # the first gradient step's pass, when it doubles as the tracking pass
+            if ctx.reuse_forward:  # same z and t: one pass serves the tracking and the first step
+                ahead = ctx.forward(z, t, for_loss=True)
+                feats = ahead[1].detach()
+            else:
+                with torch.no_grad():
+                    _, feats = ctx.forward(z, t)
             pts.handles = ctx.tracker.track(ref_vectors, feats, pts.handles)
             ev.tracked(t, 0, pts.handles)
             stop = None
@@ -66,7 +71,8 @@ class AlDD:
                 if stop:
                     break
                 for _ in range(P.steps_per_drag):
-                    eps, feats = ctx.forward(z, t)
+                    eps, feats = ahead or ctx.forward(z, t, for_loss=True)
+                    ahead = None
                     parts = ctx.loss(ctx, z, t, feats, eps, pts)
                     opt.zero_grad(set_to_none=True)
                     parts.total.backward()

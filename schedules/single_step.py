@@ -44,7 +44,7 @@ class SingleStep:
         ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
         reason, done = "schedule_end", 0
         for step in range(P.steps):
-            eps, feats = ctx.forward(z, t)
+            eps, feats = ctx.forward(z, t, for_loss=True)
             if step > 0:
                 pts.handles = ctx.tracker.track(ref_vectors, feats.detach(), pts.handles)
                 ev.tracked(t, step, pts.handles)

@@ -22,6 +22,8 @@ class ToyBackbone:
     """Features = latent (upsampled); eps = 0; no attention, no LoRA."""
 
     name = "toy"
+    feature_scale = 4
+    fast_paths = frozenset({"patch_features", "features_only"})
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -58,8 +60,11 @@ class ToyBackbone:
         self.calls += 1
         return torch.zeros_like(z)
 
-    def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True):
-        eps = self.eps(z, t) + 0 * z  # keeps the graph: features and eps both depend on z
+    def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True, need_eps: bool = True):
+        if need_eps:
+            eps = self.eps(z, t) + 0 * z  # keeps the graph: features and eps both depend on z
+        else:
+            eps, self.calls = None, self.calls + 1
         return eps, (self.upsample_features(z, z.shape[-2:]) if upsample else z)
 
     def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:

@@ -26,6 +26,9 @@ class Nearest:
         radius: int = p(12, "r2: search window is (2r2+1)^2 = 25x25 (3 for DragDiffusion)", ge(0))
         metric: str = p("l1", "feature distance: l1 (the methods') or l2", in_(("l1", "l2")))
 
+    #: reads features only through gooddrag.core.geometry, so it can be given a FeatureMap
+    reads_patches = True
+
     def __init__(self, params: "Nearest.Params"):
         self.params = params
 

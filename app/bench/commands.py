@@ -50,6 +50,7 @@ def bench(
     device: str = O.DEVICE,
     dtype: str = O.DTYPE,
     attention: str = O.ATTENTION,
+    faithful: bool = O.FAITHFUL,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
@@ -64,7 +65,8 @@ def bench(
     opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
                         metric_params=tuple(metric_param), force=force, runner=runner, model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
-                        device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts)
+                        device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts,
+                        faithful=faithful)
     try:
         summary = run_bench(opts, tty=sys.stderr.isatty())
     except KeyboardInterrupt as exc:

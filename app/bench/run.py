@@ -156,6 +156,7 @@ class BenchOptions:
     device: str = "auto"
     dtype: str = "fp32"
     attention: str = "auto"
+    faithful: bool = False
     seed: int = 0
     width: int = 512
     prompts: bool = True
@@ -223,7 +224,7 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
     # 1. everything that can be checked without a model
     cfg = resolve_config(reg, preset=opts.preset, schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
                          overrides=list(opts.params), model=opts.model, vae=opts.vae, lora=opts.lora,
-                         device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed,
+                         device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed, faithful=opts.faithful,
                          width=opts.width)
     metrics = load_metrics(reg, opts.metrics, opts.metric_params)
     runner_cls = reg.get("runner", opts.runner)
@@ -292,7 +293,7 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
         from gooddrag.core.editor import Editor
 
         editor = Editor.from_pretrained(opts.model, vae=opts.vae, device=opts.device, dtype=opts.dtype,
-                                        attention=opts.attention, registry=reg)
+                                        attention=opts.attention, faithful=opts.faithful, registry=reg)
         return lambda sample: _edit_one(editor, sample, sample_dir(root, sample.id), opts, list(plugins),
                                         dataset_name)
 

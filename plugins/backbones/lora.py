@@ -107,7 +107,9 @@ class PerImageLora:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def train(self, image: torch.Tensor, params: Any) -> None:
-        """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled."""
+        """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled.
+        Every random number is drawn up front, in the order the steps use them, and moved to the
+        device once: the loop itself never waits for the host."""
         from peft import LoraConfig
 
         b = self.backbone
@@ -121,20 +123,32 @@ class PerImageLora:
         with torch.no_grad():
             dist = b.vae.encode(crops.to(b.device, b.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
-        opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay)
+        draws = [(torch.randn(mean.shape, generator=gen), torch.randn(mean.shape, generator=gen),
+                  torch.randint(0, b.num_train_timesteps, (mean.shape[0],), generator=gen))
+                 for _ in range(params.steps)]
+        if draws:
+            posterior, noises, ts = (torch.stack(x).to(b.device) for x in zip(*draws))  # (steps, B, ...)
+        fused = b.device.type == "cuda"  # one kernel for the whole AdamW update (same algorithm)
+        opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay,
+                                **({"fused": True} if fused else {}))
         emb = b.text_embedding(crops.shape[0])
         sched = self.pipe.scheduler
-        for _ in range(params.steps):
-            latents = (mean + std * torch.randn(mean.shape, generator=gen).to(b.device)) * b.scaling
-            noise = torch.randn(latents.shape, generator=gen).to(b.device)
-            t = torch.randint(0, b.num_train_timesteps, (latents.shape[0],), generator=gen).to(b.device)
-            noisy = sched.add_noise(latents, noise, t)
-            with torch.autocast(b.device.type, dtype=b.dtype, enabled=b.dtype != torch.float32):
-                pred = self.unet(noisy.to(b.dtype), t, encoder_hidden_states=emb, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
+        if checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            for k in range(params.steps):
+                latents = (mean + std * posterior[k]) * b.scaling
+                noisy = sched.add_noise(latents, noises[k], ts[k])
+                with torch.autocast(b.device.type, dtype=b.dtype, enabled=b.dtype != torch.float32):
+                    pred = self.unet(noisy.to(b.dtype), ts[k], encoder_hidden_states=emb, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noises[k])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            if checkpointing:
+                self.unet.disable_gradient_checkpointing()
         for q in lora:
             q.requires_grad_(False)
             q.data = q.data.to(b.dtype)

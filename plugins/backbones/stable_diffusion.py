@@ -36,6 +36,11 @@ class StableDiffusionBackbone:
     """Stable Diffusion 1.x/2.x through diffusers (SD1.5 by default, with the ft-MSE VAE)."""
 
     name = "stable-diffusion"
+    #: features are the feature block's output bilinearly upsampled (align_corners=False) by this
+    feature_scale = 4
+    #: exact fast paths the engine may use (see DragContext): FeatureMaps, and stopping after the
+    #: feature block when the loss reads no eps
+    fast_paths = frozenset({"patch_features", "features_only"})
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -54,6 +59,8 @@ class StableDiffusionBackbone:
         self._ddim: DDIM | None = None
         self._text: dict[str, torch.Tensor] = {}
         self._captured: torch.Tensor | None = None
+        self._features_only = False  # while True, the UNet pass stops once the feature block has run
+        self._timesteps: dict[int, torch.Tensor] = {}  # device tensors of the timesteps, made once
         self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
@@ -83,6 +90,11 @@ class StableDiffusionBackbone:
         backbone = cls(pipe, device=dev, dtype=tdtype, attention=backend, model_id=model)
         backbone.vae_id = vae
         return backbone
+
+    def optimize(self) -> None:
+        """Speed settings that keep results equal up to float rounding: the UNet's convolutions in
+        channels-last layout (what oneDNN and cuDNN kernels prefer)."""
+        self.unet.to(memory_format=torch.channels_last)
 
     # --- sampler ------------------------------------------------------------------------------
 
@@ -120,10 +132,21 @@ class StableDiffusionBackbone:
 
     def _capture(self, module: Any, args: Any, output: torch.Tensor) -> None:
         self._captured = output
+        if self._features_only:
+            raise _FeaturesReady  # the rest of the UNet only makes eps, which nobody reads
+
+    def _timestep(self, t: int | torch.Tensor) -> torch.Tensor:
+        """A device tensor for t, made once: diffusers turns a Python int into a new device tensor
+        (a host-to-device copy) at every call."""
+        if isinstance(t, torch.Tensor):
+            return t
+        if t not in self._timesteps:
+            self._timesteps[t] = torch.tensor(t, dtype=torch.int64, device=self.device)
+        return self._timesteps[t]
 
     def _unet(self, z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         emb = self.text_embedding(z.shape[0])
-        return self.unet(z.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        return self.unet(z.to(self.dtype), self._timestep(t), encoder_hidden_states=emb, return_dict=False)[0].float()
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted noise, fp32, same shape as z."""
@@ -131,9 +154,21 @@ class StableDiffusionBackbone:
         self._captured = None  # features not wanted: don't keep the map alive
         return eps
 
-    def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """One UNet pass: eps (1, 4, h, w) fp32 and features (1, C, 4h, 4w) (or (1, C, h', w') raw)."""
-        eps = self._unet(z, t)
+    def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True,
+                         need_eps: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One UNet pass: eps (1, 4, h, w) fp32 and features (1, C, 4h, 4w) (or (1, C, h', w') raw).
+        ``need_eps=False`` stops the pass after the feature block (up_blocks[3], a quarter of the
+        UNet's work, is skipped) and returns eps None."""
+        if need_eps:
+            eps = self._unet(z, t)
+        else:
+            eps, self._features_only = None, True
+            try:
+                self._unet(z, t)
+            except _FeaturesReady:
+                pass
+            finally:
+                self._features_only = False
         feats, self._captured = self._captured, None
         return eps, (self.upsample_features(feats, z.shape[-2:]) if upsample else feats)
 
@@ -189,6 +224,10 @@ class StableDiffusionBackbone:
     def use_lora(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
         """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`."""
         return self.lora.apply(mode, image, params, on_train)
+
+
+class _FeaturesReady(Exception):
+    """Raised by the feature hook to end a UNet pass whose eps is not wanted."""
 
 
 def check_attention(attention: str, device: torch.device) -> str:
