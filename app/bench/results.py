@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,7 +106,22 @@ def new_row(sample: Sample) -> dict[str, Any]:
 
 
 def _metric_sig(metric: Any) -> dict[str, Any]:
-    return {"name": metric.name, "params": _jsonable(params_to_dict(metric.params))}
+    """Name and parameters as recorded in summary.json and scores.json: URLs lose their
+    ``user:password@`` (a judge endpoint may carry credentials; they must not reach the results)."""
+    return {"name": metric.name, "params": _no_userinfo(_jsonable(params_to_dict(metric.params)))}
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+
+
+def _no_userinfo(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _USERINFO.sub(r"\1", obj)
+    if isinstance(obj, dict):
+        return {k: _no_userinfo(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_userinfo(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
