@@ -86,9 +86,12 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
+    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, staging, write_result_files
+
+    check_output_set(out, [*RESULT_FILES, *(["drag.gif"] if gif else []), *(["trace.jsonl"] if trace else [])],
+                     {"image": image, "mask": mask, "points file": points_file})
     O.silence_libraries()
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.files import staging, write_result_files
     from gooddrag.plugins.outputs.gif import GifWriter
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter

@@ -4,6 +4,7 @@ full edits on the tiny model with every output file."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -189,3 +190,55 @@ def test_handles_at_the_border_work(tmp_path, capsys):
 def test_unimplemented_commands_say_so(capsys):
     code, _, err = run(["ui"], capsys)
     assert code == 2 and "not implemented" in err
+
+
+def test_out_that_would_replace_an_input_or_cannot_be_written_is_refused(tmp_path, capsys, no_model):
+    from gooddrag.testing import random_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    random_image(48, 32).save(src / "result.png")
+    Image.new("L", (48, 32), 255).save(src / "points.png")
+    (src / "run.json").write_text(json.dumps({"points": [[8, 8], [30, 20]]}))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    cases = [
+        (["edit", src / "result.png", "--points", "8,8:30,20", "--out", src], "would replace the input image"),
+        (["edit", tmp_path / "in" / "." / "result.png", "--points", "8,8:30,20", "--out", src / "."],
+         "would replace the input image"),
+        (["edit", src / "result.png", "--points", "8,8:30,20", "--mask", src / "points.png", "--out", src],
+         "would replace the input image"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--mask", src / "points.png", "--out", src],
+         "would replace the input mask"),
+        (["edit", img_copy(tmp_path), "--points-file", src / "run.json", "--out", src],
+         "would replace the input points file"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", src / "run.json"], "is a file; give a folder"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", src / "run.json" / "x"], "is a file, not a folder"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", "/sys/gooddrag-out"], "is not writable"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run([*argv, *FAST], capsys)
+        lines = [l for l in err.strip().splitlines() if not l.startswith("warning:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_read_only_out_is_refused_before_the_model(tmp_path, capsys, no_model):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as root: a read-only folder is writable")
+        code, _, err = run(["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", ro / "o", *FAST], capsys)
+        assert code == 2 and "is not writable" in err
+    finally:
+        ro.chmod(0o755)
+
+
+def img_copy(tmp_path):
+    from gooddrag.testing import random_image
+
+    path = tmp_path / "elsewhere.png"
+    if not path.exists():
+        random_image(48, 32).save(path)
+    return path

@@ -14,6 +14,11 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
+from gooddrag.core.errors import BadInputError
+
+#: what :func:`write_result_files` writes
+RESULT_FILES = ("result.png", "points.png", "run.json")
+
 
 def to_pil(x: Any) -> Image.Image:
     """(1, 3, H, W) in [0, 1] -> PIL."""
@@ -45,6 +50,33 @@ def points_figure(original: Image.Image, result: Image.Image, report: dict) -> I
     fig.paste(left, (0, 0))
     fig.paste(right, (w + 8, 0))
     return fig
+
+
+def check_output_set(out_dir: Path, names: Any, inputs: dict[str, Any]) -> None:
+    """Refuse, before any model loads, an ``--out`` that is a file, that cannot be written, or where
+    one of the output ``names`` would replace one of the ``inputs`` ({what: path or None}): the
+    outputs are moved into place by rename, which would silently destroy that input."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {str(out)!r} is a file; give a folder (result.png, points.png and run.json go there)")
+    if out.is_dir():
+        for what, src in inputs.items():
+            if src is None:
+                continue
+            src = Path(src)
+            if src.name in names and src.parent.exists() and os.path.samefile(src.parent, out):
+                raise BadInputError(f"--out {str(out)!r} would replace the input {what} {str(src)!r} with the "
+                                    f"output {src.name}; choose another --out folder")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInputError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder; give a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-test-"))
+    except OSError as exc:
+        raise BadInputError(f"--out {str(out)!r} is not writable ({str(probe)!r}: {exc.strerror or type(exc).__name__}); "
+                            "give a folder you can write to") from None
 
 
 @contextlib.contextmanager
