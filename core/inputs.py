@@ -8,6 +8,8 @@ Points arrive as image pixels ``[x, y]`` of the original image. The engine works
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +22,55 @@ from PIL import Image, UnidentifiedImageError
 from gooddrag.core.errors import BadInputError
 
 Pair = tuple[tuple[float, float], tuple[float, float]]
+
+#: a points file is a few hundred bytes; anything far larger is not one (and must not fill memory)
+MAX_POINTS_FILE_BYTES = 1 << 20
+
+
+def check_regular_file(path: str | Path, what: str) -> os.stat_result:
+    """Refuse what is not a regular file before opening it: a FIFO would block forever, a device
+    such as /dev/zero never ends, a folder gives IsADirectoryError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInputError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise BadInputError(f"{what} {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadInputError(f"{what} {str(path)!r} is a folder; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInputError(f"{what} {str(path)!r} is not a regular file (a pipe or device); give a file")
+    return st
+
+
+def read_small_file(path: str | Path, what: str, limit: int = MAX_POINTS_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (checked before and while reading)."""
+    st = check_regular_file(path, what)
+    if st.st_size > limit:
+        raise BadInputError(f"{what} {str(path)!r} is {st.st_size} bytes, over the {limit}-byte limit")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(st.st_size + 1)  # read(n) reserves n bytes: the size, not the limit
+    except OSError as exc:
+        raise BadInputError(f"{what} {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > st.st_size:  # grew while being read
+        raise BadInputError(f"{what} {str(path)!r} changed while it was read; try again")
+    return data
+
+
+def point_list(flat: Any) -> list[tuple[float, float]]:
+    """``[[x, y], ...]`` -> float pairs. Only JSON numbers count: a string ``"12"`` is not the point
+    (1, 2) and ``true`` is not 1. Raises ValueError naming the first bad entry."""
+    if not isinstance(flat, (list, tuple)):
+        raise ValueError("points are not a list of [x, y]")
+    out = []
+    for i, pt in enumerate(flat):
+        if (not isinstance(pt, (list, tuple)) or len(pt) != 2
+                or not all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
+                           for c in pt)):
+            raise ValueError(f"point {i + 1} is {json.dumps(pt, default=str)[:40]}, not [x, y] with two numbers")
+        out.append((float(pt[0]), float(pt[1])))
+    return out
 
 
 def load_image(path: str | Path, what: str = "image") -> Image.Image:
@@ -61,15 +112,19 @@ def _xy(text: str, spec: str) -> tuple[float, float]:
 
 def load_points_file(path: str | Path) -> list[Pair]:
     """GoodDrag/Drag100 format ``{"points": [[x, y], ...]}``: handle, target, handle, target, ..."""
+    raw = read_small_file(path, "points file")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(raw)
         flat = data["points"] if isinstance(data, dict) else data
-        coords = [(float(x), float(y)) for x, y in flat]
-    except FileNotFoundError:
-        raise BadInputError(f"points file {str(path)!r} does not exist") from None
     except (ValueError, KeyError, TypeError):
         raise BadInputError(f"points file {str(path)!r} is not {{\"points\": [[x, y], ...]}} "
                             "(handle, target, handle, target, ...)") from None
+    try:
+        coords = point_list(flat)
+    except ValueError as exc:
+        raise BadInputError(f"points file {str(path)!r}: {exc}; write {{\"points\": [[x, y], ...]}}") from None
+    if not all(np.isfinite(c).all() for c in coords):
+        raise BadInputError(f"points file {str(path)!r}: a point is not finite")
     if len(coords) % 2:
         raise BadInputError(f"points file {str(path)!r} has {len(coords)} points, an odd number; "
                             "give handle, target pairs")

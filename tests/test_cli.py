@@ -69,7 +69,13 @@ def _bad_inputs(tmp_path, img):
     (tmp_path / "odd.json").write_text(json.dumps({"points": [[1, 1], [2, 2], [3, 3]]}))
     (tmp_path / "notimg.png").write_text("not an image")
     Image.new("L", (10, 10)).save(tmp_path / "small_mask.png")
+    (tmp_path / "strings.json").write_text(json.dumps({"points": ["12", "34"]}))
+    (tmp_path / "bools.json").write_text(json.dumps({"points": [[True, 1], [3, 4]]}))
+    (tmp_path / "folder.json").mkdir()
     return [
+        ([img, "--points-file", tmp_path / "strings.json"], "point 1 is \"12\", not [x, y] with two numbers"),
+        ([img, "--points-file", tmp_path / "bools.json"], "point 1 is [true, 1], not [x, y] with two numbers"),
+        ([img, "--points-file", tmp_path / "folder.json"], "is a folder; give a file"),
         ([tmp_path / "notimg.png", "--points", "1,1:5,5"], "not a readable image"),
         ([tmp_path / "missing.png", "--points", "1,1:5,5"], "does not exist"),
         ([img, "--points", "10,10:60,20"], "target 1 at (60, 20) is outside the 48x32 image"),

@@ -102,7 +102,7 @@ def test_drag100_malformed_sample_is_named(tmp_path, breakage, message):
 # --- DragBench ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_dragbench_reads_numpy_pickles_without_numpy_unpickling(tmp_path, protocol):
     write_dragbench_sample(tmp_path, "animals", "JH_2", prompt="a dog", protocol=protocol)
     write_dragbench_sample(tmp_path, "animals", "JH_1", points=((1, 1), (5, 5), (30, 15), (20, 3)), seed=1,
@@ -122,7 +122,7 @@ def test_dragbench_reads_numpy_pickles_without_numpy_unpickling(tmp_path, protoc
 def test_safe_unpickler_matches_numpy_for_arrays():
     arrs = {"u8": np.arange(12, dtype=np.uint8).reshape(3, 4), "f4": np.linspace(0, 1, 6, dtype=np.float32),
             "fortran": np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)), "be": np.arange(3, dtype=">i2")}
-    for proto in (3, 4, 5):
+    for proto in range(6):
         back = safe_load_pickle(pickle.dumps({"a": arrs, "l": [1, "x"]}, protocol=proto))
         assert back["l"] == [1, "x"]
         for k, v in arrs.items():
@@ -244,3 +244,86 @@ def test_real_dragbench_pickles_match_the_json_conversion():
         assert [list(t) for _, t in s.pairs] == meta["target_points"]
         assert int(s.mask.sum()) == meta["mask_nonzero_pixels"]
         assert np.array_equal(s.mask, np.asarray(Image.open(s.path / "mask.png")) > 127)
+
+
+# --- hostile files --------------------------------------------------------------------------------
+
+
+class _Bomb:
+    """Pickles as numpy's own ``_frombuffer(2_200_000_000, dtype, shape)``: a size, not bytes."""
+
+    def __reduce__(self):
+        from numpy._core.numeric import _frombuffer
+
+        return (_frombuffer, (2_200_000_000, np.dtype("u1"), (1,), "C"))
+
+
+def _nested(depth: int) -> bytes:
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."  # EMPTY_LIST x depth, APPEND x depth-1
+
+
+def test_hostile_pickles_are_refused_by_name_without_allocating(tmp_path):
+    import tracemalloc
+
+    d = write_dragbench_sample(tmp_path, "art_work", "PJC_bad")
+    bomb = pickle.dumps({"mask": _Bomb()}, protocol=5)
+    assert len(bomb) < 200
+    (d / "meta_data.pkl").write_bytes(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadInputError, match="sample 'art_work/PJC_bad': meta_data.pkl is refused: array buffer"):
+            list(DragBench().samples(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 << 20
+    (d / "meta_data.pkl").write_bytes(_nested(200_000))
+    with pytest.raises(BadInputError, match="sample 'art_work/PJC_bad': meta_data.pkl is refused: nested too deeply"):
+        list(DragBench().samples(tmp_path))
+
+
+def _json_sample(root: Path, mask_file) -> Path:
+    d = root / "land_scape" / "YAN_1"
+    d.mkdir(parents=True)
+    Image.new("RGB", (32, 16)).save(d / "original_image.png")
+    (d / "meta_data.json").write_text(json.dumps({"prompt": "p", "handle_points": [[4, 8]], "target_points": [[9, 8]],
+                                                  "mask_file": mask_file}))
+    return d
+
+
+@pytest.mark.parametrize("mask_file, message", [
+    (7, "mask_file is 7, not a file name"),
+    (None, "mask_file is None"),
+    ("../outside.png", "mask_file '../outside.png' is outside the sample folder"),
+    ("/etc/passwd", "mask_file '/etc/passwd' is outside the sample folder"),
+    ("link.png", "mask_file 'link.png' leads outside the sample folder"),
+])
+def test_dragbench_mask_file_must_stay_in_the_sample_folder(tmp_path, mask_file, message):
+    root = tmp_path / "ds"
+    d = _json_sample(root, mask_file)
+    Image.new("L", (32, 16), 255).save(root / "land_scape" / "outside.png")
+    os.symlink(root / "land_scape" / "outside.png", d / "link.png")
+    with pytest.raises(BadInputError, match=f"sample 'land_scape/YAN_1': meta_data.json {message}"):
+        list(DragBench().samples(root))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: os.mkfifo(p), "points.json .* is not a regular file"),
+    (lambda p: os.symlink("/dev/zero", p), "points.json .* is not a regular file"),
+    (lambda p: p.write_bytes(b" " * (2 << 20)), "points.json .* is 2097152 bytes, over the 1048576-byte limit"),
+    (lambda p: p.mkdir(), "points.json .* is a folder"),
+])
+def test_drag100_points_json_must_be_a_small_regular_file(tmp_path, make, message):
+    d = write_drag100_sample(tmp_path, "dog_1")
+    os.remove(d / "points.json")
+    make(d / "points.json")
+    with pytest.raises(BadInputError, match=f"sample 'dog_1': {message}"):
+        list(Drag100().samples(tmp_path))
+
+
+@pytest.mark.parametrize("points", ['["12", "34"]', "[[true, 2], [3, 4]]", '[[1, 2], ["3", 4]]', "[[1, 2, 3], [3, 4]]"])
+def test_points_must_be_numbers(tmp_path, points):
+    d = write_drag100_sample(tmp_path, "dog_1")
+    (d / "points.json").write_text('{"points": %s}' % points)
+    with pytest.raises(BadInputError, match=r"sample 'dog_1': points.json: point \d is .*not \[x, y\] with two numbers"):
+        list(Drag100().samples(tmp_path))

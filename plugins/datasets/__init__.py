@@ -7,6 +7,7 @@ raises :class:`BadInputError` naming it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gooddrag.core.errors import BadInputError
-from gooddrag.core.inputs import Pair
+from gooddrag.core.inputs import Pair, check_regular_file, point_list, read_small_file
 
 
 def bad(sample_id: str, message: str) -> BadInputError:
@@ -24,6 +25,12 @@ def bad(sample_id: str, message: str) -> BadInputError:
 
 def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
     """Open an image fully (no lazy reads later) and convert it to ``mode``."""
+    if not path.exists():
+        raise bad(sample_id, f"{path.name} is missing ({path})")
+    try:
+        check_regular_file(path, path.name)
+    except BadInputError as exc:
+        raise bad(sample_id, str(exc)) from None
     try:
         with Image.open(path) as im:
             im.load()
@@ -37,9 +44,9 @@ def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
 def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]:
     """``[[x, y], ...]`` alternating handle, target -> pairs of float tuples, checked."""
     try:
-        coords = [(float(x), float(y)) for x, y in points]
-    except (TypeError, ValueError):
-        raise bad(sample_id, f"{where}: points are not a list of [x, y]") from None
+        coords = point_list(points)
+    except ValueError as exc:
+        raise bad(sample_id, f"{where}: {exc}") from None
     if not coords:
         raise bad(sample_id, f"{where}: no points")
     if len(coords) % 2:
@@ -47,6 +54,33 @@ def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]
     if not all(np.isfinite(c).all() for c in coords):
         raise bad(sample_id, f"{where}: a point is not finite")
     return tuple((coords[i], coords[i + 1]) for i in range(0, len(coords), 2))
+
+
+def read_json(path: Path, sample_id: str, limit: int = 1 << 20) -> Any:
+    """A small JSON file of a sample (regular files only: a FIFO or /dev/zero named points.json
+    would hang or fill memory)."""
+    if not path.exists():
+        raise bad(sample_id, f"{path.name} is missing ({path})")
+    try:
+        return json.loads(read_small_file(path, path.name, limit))
+    except BadInputError as exc:
+        raise bad(sample_id, str(exc)) from None
+    except (ValueError, RecursionError):
+        raise bad(sample_id, f"{path.name} is not valid JSON") from None
+
+
+def sample_file(folder: Path, name: Any, sample_id: str, what: str) -> Path:
+    """``folder / name`` for a file name read from a sample's metadata: a relative path that stays
+    inside the sample folder (an absolute or ``..`` path would read any file on the machine)."""
+    if not isinstance(name, str) or not name:
+        raise bad(sample_id, f"{what} is {name!r}, not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise bad(sample_id, f"{what} {name!r} is outside the sample folder; give a name relative to it")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise bad(sample_id, f"{what} {name!r} leads outside the sample folder")
+    return path
 
 
 def check_pairs(pairs: Sequence[Pair], size: tuple[int, int], sample_id: str) -> None:
