@@ -16,7 +16,7 @@ from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, reso
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
-from gooddrag.core.errors import ConfigError
+from gooddrag.core.errors import ConfigError, DivergedError
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
 
@@ -100,6 +100,9 @@ class Editor:
             z0 = b.encode(image)  # (1, 4, H/8, W/8)
             start, indices = drag_window(schedule, num_steps)
             z_start = b.invert(z0, start)
+            if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
+                raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
+                                    f"LoRA ({lora_status}) are broken; try --lora off, or delete that LoRA")
         with timer("reference"):
             ref = Reference(b, z_start, indices, ddim.timesteps)
         handles, targets = (x.to(b.device) for x in inp.grid_points())
@@ -118,6 +121,9 @@ class Editor:
                     t = ddim.timesteps[k]
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+        if not bool(torch.isfinite(z).all()):
+            raise DivergedError("the latent became NaN/inf in the final denoising; lower -p schedule.lr, "
+                                "or try --dtype fp32")
         with timer("decode"):
             x = b.decode(z)  # (1, 3, H, W) in [0, 1]
             arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")

@@ -23,3 +23,7 @@ class ModelNotFoundError(GoodDragError):
 
 class RequirementError(GoodDragError):
     """An optional dependency, weight file or API key that a component needs is missing."""
+
+
+class DivergedError(GoodDragError):
+    """The latent stopped being finite (NaN/inf): the image would be black, so nothing is written."""

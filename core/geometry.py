@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Upper bounds of the losses' parameters: beyond them a value can only overflow or allocate absurdly
+# (the feature grid is a few hundred px; a step or weight of 1e308 gives inf, not a stronger drag).
+MAX_STEP, MAX_LAM, MAX_PATCH_RADIUS = 1e4, 1e6, 64
+
 
 def _offsets(radius: int, device: torch.device) -> torch.Tensor:
     return torch.arange(-radius, radius + 1, device=device)

@@ -248,3 +248,37 @@ def img_copy(tmp_path):
     if not path.exists():
         random_image(48, 32).save(path)
     return path
+
+
+@pytest.mark.parametrize("schedule", ["aldd", "single-step"])
+def test_a_diverging_drag_is_an_error_and_writes_nothing(img, tmp_path, capsys, monkeypatch, schedule):
+    import torch
+
+    from gooddrag.schedules import aldd, single_step
+
+    # what -p schedule.lr=1e30 did before lr had an upper bound
+    for mod in (aldd, single_step):
+        monkeypatch.setattr(mod, "make_optimizer", lambda z, lr: torch.optim.Adam([z], lr=1e30))
+    extra = ["--schedule", schedule] + (["-p", "schedule.steps=3"] if schedule == "single-step" else [])
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *(BASE if extra[1] != "aldd" else FAST), *extra,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "error: the latent became NaN/inf while dragging at timestep" in err
+    assert "lower -p schedule.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_broken_weights_are_an_error_and_write_nothing(img, tmp_path, capsys, monkeypatch):
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
+
+    real = StableDiffusionBackbone.invert
+    monkeypatch.setattr(StableDiffusionBackbone, "invert", lambda self, z, k: real(self, z, k) * float("nan"))
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "the inverted latent is NaN/inf before any drag" in err and "--lora off" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("param", ["loss.max_step=1e308", "schedule.lr=1e30", "loss.lam=1e308",
+                                   "loss.patch_radius=100000"])
+def test_parameters_that_can_only_overflow_are_refused(img, capsys, no_model, param):
+    code, _, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "-p", param], capsys)
+    assert code == 2 and param.split("=")[0] in err and len(err.strip().splitlines()) == 1
