@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gooddrag.core.errors import BadInputError
 
@@ -73,17 +74,62 @@ def point_list(flat: Any) -> list[tuple[float, float]]:
     return out
 
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open an image file fully (so later failures can't come from a lazy read)."""
+def open_image(path: str | Path, what: str = "image", notes: list[str] | None = None) -> Image.Image:
+    """Open an image file fully, as it is displayed: EXIF orientation applied (points are given in
+    displayed coordinates), 16-bit grayscale scaled to 8 bits (a plain convert clips it to white),
+    the first frame of an animation (said in ``notes``). Refuses, in one line, what is not a regular
+    file and images over pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+    check_regular_file(path, what)
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise BadInputError(f"{what} {str(path)!r} does not exist; pass a PNG/JPEG file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as im:
+                w, h = im.size
+                if limit and w * h > limit:
+                    raise Image.DecompressionBombError(f"{w}x{h}")
+                frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
+                im.load()
+                out = ImageOps.exif_transpose(im) or im.copy()
+    except Image.DecompressionBombError:
+        raise BadInputError(f"{what} {str(path)!r} is {_size_of(path)}, over the limit of {limit} pixels "
+                            f"(a decompression bomb, or far larger than needed); downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"{what} {str(path)!r} is not a readable image ({type(exc).__name__}); "
                             "pass a PNG/JPEG file") from None
+    if frames > 1 and notes is not None:
+        notes.append(f"{what} {str(path)!r} is animated ({frames} frames): frame 1 is used")
+    return to_8bit(out)
+
+
+def _size_of(path: str | Path) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    return f"{im.size[0]}x{im.size[1]}"
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Exception:
+        return "too many pixels"
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer grayscale (``I;16*``, ``I``) -> ``L`` by scaling 0..65535 to 0..255;
+    pillow's own convert clips every value above 255 to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def load_image(path: str | Path, what: str = "image", notes: list[str] | None = None) -> Image.Image:
+    """Open an image file fully (so later failures can't come from a lazy read); see :func:`open_image`."""
+    if not Path(path).exists():
+        raise BadInputError(f"{what} {str(path)!r} does not exist; pass a PNG/JPEG file")
+    return open_image(path, what, notes)
 
 
 def parse_points(specs: Sequence[str]) -> list[Pair]:
@@ -206,18 +252,19 @@ class EditInput:
 def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width: int = 512,
                   what: str = "image") -> EditInput:
     """Validate everything about the request (no model involved)."""
-    img = load_image(image, what) if isinstance(image, (str, Path)) else image
+    notes: list[str] = []
+    img = load_image(image, what, notes) if isinstance(image, (str, Path)) else image
     if not isinstance(img, Image.Image):
         raise BadInputError("image must be a file path or a PIL image")
-    img = img.convert("RGB")
+    img = to_8bit(img).convert("RGB")
     validate_points(pairs, img.size)
-    notes: list[str] = []
     arr = None
     if mask is None:
         notes.append("no mask given: the whole image is editable (mask term off)")
     else:
-        m = load_image(mask, "mask") if isinstance(mask, (str, Path)) else mask
+        m = load_image(mask, "mask", notes) if isinstance(mask, (str, Path)) else mask
         if isinstance(m, Image.Image):
+            m = to_8bit(m)
             if m.size != img.size:
                 raise BadInputError(f"mask is {m.size[0]}x{m.size[1]} but the image is {img.size[0]}x{img.size[1]}; "
                                     "give a mask of the image's size (white = editable)")
@@ -228,4 +275,12 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width:
                 raise BadInputError(f"mask has shape {arr.shape} but the image is {img.size[1]}x{img.size[0]} (HxW)")
         if not arr.any():
             notes.append("mask has no editable (white) pixel: the whole image is kept on the unedited trajectory")
-    return EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), tuple(notes))
+    inp = EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), ())
+    handles, targets = inp.grid_points()
+    for i in range(len(pairs)):
+        if bool((handles[i] == targets[i]).all()):
+            ww, wh = inp.work_size
+            notes.append(f"pair {i + 1}: handle and target fall in the same feature cell at the {ww}x{wh} working "
+                         f"size (the image is {img.size[0]}x{img.size[1]}), so it cannot move; use a larger "
+                         "--width or points further apart")
+    return attrs.evolve(inp, warnings=tuple(notes))

@@ -282,3 +282,57 @@ def test_broken_weights_are_an_error_and_write_nothing(img, tmp_path, capsys, mo
 def test_parameters_that_can_only_overflow_are_refused(img, capsys, no_model, param):
     code, _, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "-p", param], capsys)
     assert code == 2 and param.split("=")[0] in err and len(err.strip().splitlines()) == 1
+
+
+# --- unusual images ---------------------------------------------------------------------------------
+
+
+def test_image_decoding_16bit_exif_animated_bomb(tmp_path, monkeypatch):
+    from gooddrag.core.errors import BadInputError
+    from gooddrag.core.inputs import prepare_input
+
+    ramp = (np.arange(48 * 32, dtype=np.uint32).reshape(32, 48) * 40).astype(np.uint16)  # 0..61400
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    inp = prepare_input(tmp_path / "g16.png", [((8, 8), (30, 20))])
+    got = np.asarray(inp.image)[..., 0].astype(int)
+    assert np.abs(got - np.round(ramp / 257)).max() <= 1 and got.min() == 0 and got.max() > 200  # not all white
+
+    # a phone photo: stored 48 wide x 32 high, EXIF orientation 6 (display rotated 90 degrees: 32x48)
+    raw = Image.new("RGB", (48, 32), (0, 0, 0))
+    raw.paste((255, 0, 0), (0, 0, 8, 8))  # top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    inp = prepare_input(tmp_path / "phone.jpg", [((4, 40), (20, 40))])  # y=40 exists only when displayed
+    assert inp.size == (32, 48)
+    assert inp.image.getpixel((28, 3))[0] > 200  # stored top-left is displayed top-right
+
+    frames = [Image.new("RGB", (48, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    inp = prepare_input(tmp_path / "anim.gif", [((8, 8), (30, 20))])
+    assert any("is animated (2 frames): frame 1 is used" in n for n in inp.warnings)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadInputError, match=r"is 48x32, over the limit of 1000 pixels .*downscale it"):
+        prepare_input(tmp_path / "anim.gif", [((8, 8), (30, 20))])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # over twice the limit: pillow's own error
+    with pytest.raises(BadInputError, match=r"is 48x32, over the limit of 700 pixels"):
+        prepare_input(tmp_path / "g16.png", [((8, 8), (30, 20))])
+
+
+def test_pair_collapsing_to_one_grid_cell_is_warned(tmp_path):
+    from gooddrag.core.inputs import prepare_input
+
+    Image.new("RGB", (1000, 100)).save(tmp_path / "wide.png")
+    inp = prepare_input(tmp_path / "wide.png", [((100, 50), (110, 50)), ((100, 50), (600, 50))], width=32)
+    notes = [n for n in inp.warnings if "same feature cell" in n]
+    assert len(notes) == 1 and notes[0].startswith("pair 1: handle and target fall in the same feature cell at the 32x")
+
+
+def test_bomb_image_is_one_line_in_edit(tmp_path, capsys, no_model, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    make = tmp_path / "i.png"
+    Image.new("RGB", (48, 32)).save(make)
+    code, _, err = run(["edit", make, "--points", "8,8:30,20", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.startswith("error: image") and "over the limit of 100 pixels" in err

@@ -339,12 +339,10 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
 
 
 def _load_result(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except OSError as exc:
-        raise BadInputError(f"{path} is not a readable image ({type(exc).__name__})") from None
+    """A result image, decoded like every input (regular file, size limit, 16-bit, orientation)."""
+    from gooddrag.core.inputs import open_image
+
+    return open_image(path, "result").convert("RGB")
 
 
 def _fill_from_report(row: dict, report: dict, sample: Sample) -> None:

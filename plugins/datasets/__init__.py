@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gooddrag.core.errors import BadInputError
-from gooddrag.core.inputs import Pair, check_regular_file, point_list, read_small_file
+from gooddrag.core.inputs import Pair, open_image, point_list, read_small_file
 
 
 def bad(sample_id: str, message: str) -> BadInputError:
@@ -24,21 +24,13 @@ def bad(sample_id: str, message: str) -> BadInputError:
 
 
 def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
-    """Open an image fully (no lazy reads later) and convert it to ``mode``."""
+    """Open an image fully (no lazy reads later), as displayed (see ``open_image``), in ``mode``."""
     if not path.exists():
         raise bad(sample_id, f"{path.name} is missing ({path})")
     try:
-        check_regular_file(path, path.name)
+        return open_image(path, path.name).convert(mode)
     except BadInputError as exc:
         raise bad(sample_id, str(exc)) from None
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise bad(sample_id, f"{path.name} is missing ({path})") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise bad(sample_id, f"{path.name} is not a readable image ({type(exc).__name__})") from None
 
 
 def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]:
