@@ -118,6 +118,8 @@ def edit(
         if gifw:
             gifw.save(tmp / "drag.gif", result.image)
     r = result.report
+    for note in r["warnings"][len(inp.warnings):]:  # raised during the edit (a damaged LoRA cache retrained, ...)
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
                f"final handles {r['final_handles']})")
 

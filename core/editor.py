@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+import warnings
 from typing import Any, Iterable, Sequence
 
 import attrs
@@ -16,7 +17,7 @@ from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, reso
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
-from gooddrag.core.errors import ConfigError, DivergedError
+from gooddrag.core.errors import ConfigError, DivergedError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
 
@@ -74,8 +75,9 @@ class Editor:
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
-        with _registered(self.registry.pm, plugins):
-            return self._run(cfg, inp, prompt, list(inp.warnings))
+        notes = list(inp.warnings)
+        with _registered(self.registry.pm, plugins), _recorded_warnings(notes):
+            return self._run(cfg, inp, prompt, notes)
 
     def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
         reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
@@ -203,6 +205,24 @@ class _PhaseTimer:
             torch.cuda.synchronize(self.device)
         self.times[name] = round(time.perf_counter() - t0, 4)
         self.events.phase(name, "end")
+
+
+@contextlib.contextmanager
+def _recorded_warnings(notes: list[str]):
+    """GoodDragWarnings raised during the edit (a damaged cache retrained, ...) go to ``notes`` (the
+    report's ``warnings``) as they happen; any other warning is shown as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", GoodDragWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, GoodDragWarning):
+                notes.append(str(message))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager
