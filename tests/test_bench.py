@@ -350,3 +350,79 @@ def test_score_unedited_real_drag100_copies_equals_an_independent_dai(tmp_path, 
     for (sid, g), value in want.items():
         assert float(rows[sid][f"dai_{g}"]) == pytest.approx(value, rel=1e-6)
     assert want[("antelopes_0", 1)] == pytest.approx(0.16493315, rel=1e-6)  # the value in the closing note
+
+
+# --- two runs on one --out ------------------------------------------------------------------------
+
+_HOLDER = r"""
+import os, sys, time
+from pathlib import Path
+from gooddrag.core.editor import Editor
+from gooddrag.app.cli import main
+
+go, ready = Path(sys.argv[1]), Path(sys.argv[2])
+real = Editor.from_pretrained.__func__
+
+def paused(cls, *a, **k):  # holds the lock (taken before any model loads) until the test says go
+    ready.write_text(str(os.getpid()))
+    for _ in range(1200):  # at most a minute
+        if go.exists():
+            break
+        time.sleep(0.05)
+    return real(cls, *a, **k)
+
+Editor.from_pretrained = classmethod(paused)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_second_bench_on_the_same_out_is_refused_naming_the_holder(d100, tmp_path):
+    import os
+    import subprocess
+
+    out, go, ready = tmp_path / "o", tmp_path / "go", tmp_path / "ready"
+    args = ["bench", str(d100), "--out", str(out), "--limit", "1", *FAST]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-c", _HOLDER, str(go), str(ready), *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # bounded: the first run is validating, then takes the lock
+            if ready.exists() or first.poll() is not None:
+                break
+            import time
+            time.sleep(0.05)
+        assert ready.exists(), first.communicate()[1]
+        second = subprocess.run([sys.executable, "-c", "import sys; from gooddrag.app.cli import main; "
+                                 "sys.exit(main(sys.argv[1:]))", *args], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: --out {str(out)!r} is in use by another gooddrag bench "
+                                         f"(process {first.pid}); wait for it to finish, or use another --out")
+        assert not (out / "samples").exists()  # the refused run touched nothing
+    finally:
+        first.kill()  # a killed holder leaves no stale lock: the kernel drops it
+        first.wait()
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["ok"]
+
+
+def test_shards_share_one_out_but_a_shard_runs_once(d100, tmp_path):
+    from gooddrag.app.bench.run import lock_out
+    from gooddrag.core.errors import BadInputError
+
+    out = tmp_path / "o"
+    out.mkdir()
+    a, b, c = [], [], []
+    lock_out(out, (0, 2), a)
+    lock_out(out, (1, 2), b)  # another shard: fine
+    import os
+    with pytest.raises(BadInputError, match=rf"in use by another gooddrag bench \(process {os.getpid()}\)"):
+        lock_out(out, (0, 2), c)
+    with pytest.raises(BadInputError, match="in use by another gooddrag bench"):
+        lock_out(out, None, c)  # a full run while shards run
+    for fh in a + b:
+        fh.close()
+    lock_out(out, None, c)
+    for fh in c:
+        fh.close()

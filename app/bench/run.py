@@ -7,6 +7,11 @@ Bench layout of ``--out DIR``::
     DIR/samples/<sample id>/scores.json                        cached scores of that edit
     DIR/results.csv, summary.json, report.md, plot_*.png
 
+Lock: a run holds ``DIR/.lock`` (``fcntl.flock``) for its whole life: exclusively, or shared by the
+shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively. A second run
+on the same samples stops at once with one line naming the holder's process id, instead of deleting
+the first one's staging folders and overwriting its tables.
+
 Resume rule: a sample whose ``run.json`` is complete (valid JSON with ``final_handles``, next to its
 ``result.png``) is not edited again unless ``--force``; a failed or missing one is (re)tried.
 ``results.csv`` and ``summary.json`` are rewritten atomically after every sample, so an interrupted
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -213,9 +219,68 @@ class _Progress:
             self.bar = None
 
 
+def _holders(paths: Iterable[Path]) -> list[str]:
+    """Live process ids written in these lock files (a shared holder writes none: a full run
+    blocked by shards finds them in the shards' files)."""
+    pids: list[str] = []
+    for f in paths:
+        try:
+            pid = int(f.read_text().strip() or 0)
+            if pid > 0:
+                os.kill(pid, 0)  # raises ProcessLookupError when it is gone
+        except PermissionError:  # alive, another user's
+            pass
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and str(pid) not in pids:
+            pids.append(str(pid))
+    return pids
+
+
+def lock_out(out: Path, shard: tuple[int, int] | None, held: list) -> None:
+    """Take the bench lock of ``out`` (see the module docstring); the open files go to ``held``
+    (closing them releases the lock). Raises a one-line error naming the holder's process id."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: no lock
+        return
+    names = [(".lock", fcntl.LOCK_EX if shard is None else fcntl.LOCK_SH)]
+    if shard is not None:
+        names.append((f".lock-shard-{shard[0]}-of-{shard[1]}", fcntl.LOCK_EX))
+    start = len(held)
+    for name, mode in names:
+        fh = open(out / name, "a+")
+        try:
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            while len(held) > start:  # what this call took so far
+                held.pop().close()
+            pids = _holders(sorted(out.glob(".lock*")) if name == ".lock" else [out / name])
+            who = f"process {', '.join(pids)}" if pids else "another process"
+            raise BadInputError(f"--out {str(out)!r} is in use by another gooddrag bench ({who}); wait for it to "
+                                "finish, or use another --out") from None
+        held.append(fh)
+        if mode == fcntl.LOCK_EX:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+
+
 def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: Iterable[Any] = (),
               log: Log = _stderr, tty: bool | None = None) -> dict:
     """Validate everything, then edit and score the selected samples. Returns the summary dict."""
+    held: list = []
+    try:
+        return _run_bench(opts, held, registry=registry, plugins=plugins, log=log, tty=tty)
+    finally:
+        for fh in held:
+            fh.close()
+
+
+def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plugins: Iterable[Any],
+               log: Log, tty: bool | None) -> dict:
     from gooddrag.core.config import resolve_config
 
     reg = registry or default_registry()
@@ -237,6 +302,8 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {str(out)!r} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock_out(out, shard, held)
     root = out / "samples"
     want = cfg.to_dict()
     rows = {s.id: new_row(s) for s in samples}
