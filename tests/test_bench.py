@@ -107,7 +107,8 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
     assert rows["cat_0"]["group"] == "animal" and rows["car_2"]["group"] == "object"
     assert not (out / "samples" / "car_2").exists()  # a failed edit leaves nothing behind
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 2, "failed": 1, "missing": 0, "total": 3, "skipped": 0, "edited": 3}
+    assert summary["counts"] == {"ok": 2, "failed": 1, "missing": 0, "total": 3, "skipped": 0, "edited": 3,
+                                 "malformed": 0}
     assert summary["failed"] == [{"id": "car_2", "error": "RuntimeError: injected failure"}]
     assert summary["config"]["schedule_params"]["num_inference_steps"] == 10 and summary["config"]["width"] == 64
     overall = summary["aggregate"]["overall"]["dai"]
@@ -129,7 +130,8 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
     assert all(r["status"] == "ok" for r in rows2.values())
     assert rows2["cat_0"]["dai_1"] == rows["cat_0"]["dai_1"] and rows2["cat_0"]["resumed"] == "true"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 3, "failed": 0, "missing": 0, "total": 3, "skipped": 2, "edited": 1}
+    assert summary["counts"] == {"ok": 3, "failed": 0, "missing": 0, "total": 3, "skipped": 2, "edited": 1,
+                                 "malformed": 0}
     assert "resuming: 2 of 3" in capsys.readouterr().err
 
     # a third run with nothing to do loads no model and edits nothing
@@ -204,9 +206,6 @@ def test_bench_validates_everything_before_the_model_loads(d100, tmp_path, capsy
         assert err.startswith("error: ") and message in err and "\n" not in err, (extra, err)
     assert run_cli(["bench", d100, *FAST]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
-    (d100 / "cat_0" / "points.json").write_text('{"points": [[1, 2]]}')
-    assert run_cli(["bench", d100, "--out", out, *FAST]) == 2
-    assert "sample 'cat_0': points.json: 1 points, an odd number" in capsys.readouterr().err
     assert run_cli(["bench", tmp_path / "nothing-here", "--out", out, *FAST]) == 2
     assert not (out / "samples").exists()
 
@@ -426,3 +425,42 @@ def test_shards_share_one_out_but_a_shard_runs_once(d100, tmp_path):
     lock_out(out, None, c)
     for fh in c:
         fh.close()
+
+
+# --- malformed samples are recorded, not fatal -------------------------------------------------------
+
+
+def test_malformed_samples_are_recorded_as_failed_and_the_rest_runs(d100, tmp_path, capsys):
+    (d100 / "cat_0" / "points.json").write_text('{"points": [[1, 2]]}')
+    (d100 / "car_2" / "points.json").write_text('{"points": [["8", "4"], [16, 4]]}')
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST]) == 0
+    err = capsys.readouterr()
+    assert "malformed, recorded as failed: sample 'cat_0': points.json: 1 points, an odd number" in err.err
+    assert "1 ok, 2 failed (2 malformed), 0 missing of 3 samples" in err.out
+    rows = read_csv(out / "results.csv")
+    assert rows["cat_0"]["status"] == "failed" and "1 points, an odd number" in rows["cat_0"]["error"]
+    assert rows["car_2"]["status"] == "failed" and "point 1 is" in rows["car_2"]["error"]
+    assert rows["nature_1"]["status"] == "ok"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["failed"] == 2 and summary["counts"]["malformed"] == 2
+    assert {f["id"] for f in summary["failed"]} == {"cat_0", "car_2"}
+
+
+def test_score_records_a_bad_run_json_or_a_bomb_result_by_sample(d100, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "res"
+    for sid in ("cat_0", "nature_1", "car_2"):
+        (results / sid).mkdir(parents=True)
+        Image.new("RGB", (48, 8) if sid != "car_2" else FAIL_SIZE).save(results / sid / "result.png")
+    (results / "cat_0" / "run.json").write_text(json.dumps({"final_handles": 3, "timings_s": [1, 2],
+                                                             "bench": ["x"]}))
+    (results / "nature_1" / "run.json").write_text(json.dumps({"final_handles": [[1, 2]], "timings_s": {"a": "b"}}))
+    Image.new("RGB", (200, 200)).save(results / "car_2" / "result.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40000 - 1)
+    assert run_cli(["score", results, d100, "--out", tmp_path / "s"]) == 0
+    rows = read_csv(tmp_path / "s" / "results.csv")
+    assert rows["cat_0"]["status"] == "failed" and "run.json has a field of the wrong type" in rows["cat_0"]["error"]
+    assert rows["cat_0"]["error"].startswith("sample 'cat_0': ")
+    assert rows["nature_1"]["status"] == "ok"
+    assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"].startswith("sample 'car_2': result ")
+    assert "over the limit of 39999 pixels" in rows["car_2"]["error"]

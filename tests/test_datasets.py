@@ -13,11 +13,21 @@ from PIL import Image
 
 from gooddrag.core.errors import BadInputError, ConfigError
 from gooddrag.core.registry import default_registry
+from gooddrag.core.samples import MalformedSample
 from gooddrag.app.bench.run import open_dataset, select_samples
 from gooddrag.plugins.datasets.drag100 import Drag100, content_class
 from gooddrag.plugins.datasets.dragbench import DragBench, safe_load_pickle
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def read_all(dataset, root: Path) -> list:
+    """Every sample; the first malformed one's recorded error is raised (bench records it as failed)."""
+    out = list(dataset.samples(root))
+    for s in out:
+        if isinstance(s, MalformedSample):
+            raise BadInputError(s.error)
+    return out
 
 
 def write_drag100_sample(root: Path, name: str, w: int = 32, h: int = 16, points=((4, 8), (12, 8)), seed: int = 0,
@@ -55,7 +65,7 @@ def test_drag100_samples_sorted_with_groups(tmp_path):
         write_drag100_sample(tmp_path, name, seed=i)
     (tmp_path / ".hidden").mkdir()
     (tmp_path / "README.md").write_text("not a sample")
-    samples = list(Drag100().samples(tmp_path))
+    samples = read_all(Drag100(), tmp_path)
     assert [s.id for s in samples] == sorted(s.id for s in samples)
     groups = {s.id: s.group for s in samples}
     assert groups == {"cat_2": "animal", "generated_3_human": "human", "generated_5_snow_leopard": "animal",
@@ -96,7 +106,7 @@ def test_drag100_malformed_sample_is_named(tmp_path, breakage, message):
     d = write_drag100_sample(tmp_path, "dog_1")
     breakage(d)
     with pytest.raises(BadInputError, match=f"sample 'dog_1': .*{message}"):
-        list(Drag100().samples(tmp_path))
+        read_all(Drag100(), tmp_path)
 
 
 # --- DragBench ----------------------------------------------------------------------------------
@@ -108,7 +118,7 @@ def test_dragbench_reads_numpy_pickles_without_numpy_unpickling(tmp_path, protoc
     write_dragbench_sample(tmp_path, "animals", "JH_1", points=((1, 1), (5, 5), (30, 15), (20, 3)), seed=1,
                            protocol=protocol)
     write_dragbench_sample(tmp_path, "art_work", "PJC_1", seed=2, protocol=protocol)
-    samples = list(DragBench().samples(tmp_path))
+    samples = read_all(DragBench(), tmp_path)
     assert [s.id for s in samples] == ["animals/JH_1", "animals/JH_2", "art_work/PJC_1"]
     assert [s.group for s in samples] == ["animals", "animals", "art_work"]
     s = samples[1]
@@ -146,7 +156,7 @@ def test_dragbench_refuses_a_pickle_with_a_forbidden_global(tmp_path):
     (d / "meta_data.pkl").write_bytes(data)
     with pytest.raises(BadInputError, match=r"sample 'animals/JH_evil': meta_data.pkl is refused: forbidden global "
                                             r"(posix|os|nt)\.system"):
-        list(DragBench().samples(tmp_path))
+        read_all(DragBench(), tmp_path)
     assert not marker.exists()
 
 
@@ -163,7 +173,7 @@ def test_dragbench_malformed_pickles_are_named(tmp_path, payload, message):
     d = write_dragbench_sample(tmp_path, "art_work", "PJC_bad")
     (d / "meta_data.pkl").write_bytes(payload())
     with pytest.raises(BadInputError, match=f"sample 'art_work/PJC_bad': .*{message}"):
-        list(DragBench().samples(tmp_path))
+        read_all(DragBench(), tmp_path)
 
 
 def test_dragbench_json_fallback_when_the_pickle_is_absent(tmp_path):
@@ -226,7 +236,7 @@ def test_contract_and_registration():
 
 @pytest.mark.skipif(not (DATA / "drag100" / "index.json").is_file(), reason="../shared/data/drag100 not present")
 def test_real_drag100_counts_and_groups():
-    samples = list(Drag100().samples(DATA / "drag100"))
+    samples = read_all(Drag100(), DATA / "drag100")
     assert len(samples) == 100 and sum(len(s.pairs) for s in samples) == 242
     index = {r["sample"]: r["content_group"] for r in json.loads((DATA / "drag100" / "index.json").read_text())}
     assert {s.id: s.group for s in samples} == index
@@ -235,7 +245,7 @@ def test_real_drag100_counts_and_groups():
 
 @pytest.mark.skipif(not (DATA / "dragbench" / "index.json").is_file(), reason="../shared/data/dragbench not present")
 def test_real_dragbench_pickles_match_the_json_conversion():
-    samples = list(DragBench().samples(DATA / "dragbench"))
+    samples = read_all(DragBench(), DATA / "dragbench")
     assert len(samples) == 20 and sum(len(s.pairs) for s in samples) == 32
     for s in samples:
         meta = json.loads((s.path / "meta_data.json").read_text())
@@ -272,14 +282,14 @@ def test_hostile_pickles_are_refused_by_name_without_allocating(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(BadInputError, match="sample 'art_work/PJC_bad': meta_data.pkl is refused: array buffer"):
-            list(DragBench().samples(tmp_path))
+            read_all(DragBench(), tmp_path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 50 << 20
     (d / "meta_data.pkl").write_bytes(_nested(200_000))
     with pytest.raises(BadInputError, match="sample 'art_work/PJC_bad': meta_data.pkl is refused: nested too deeply"):
-        list(DragBench().samples(tmp_path))
+        read_all(DragBench(), tmp_path)
 
 
 def _json_sample(root: Path, mask_file) -> Path:
@@ -304,7 +314,7 @@ def test_dragbench_mask_file_must_stay_in_the_sample_folder(tmp_path, mask_file,
     Image.new("L", (32, 16), 255).save(root / "land_scape" / "outside.png")
     os.symlink(root / "land_scape" / "outside.png", d / "link.png")
     with pytest.raises(BadInputError, match=f"sample 'land_scape/YAN_1': meta_data.json {message}"):
-        list(DragBench().samples(root))
+        read_all(DragBench(), root)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -318,7 +328,7 @@ def test_drag100_points_json_must_be_a_small_regular_file(tmp_path, make, messag
     os.remove(d / "points.json")
     make(d / "points.json")
     with pytest.raises(BadInputError, match=f"sample 'dog_1': {message}"):
-        list(Drag100().samples(tmp_path))
+        read_all(Drag100(), tmp_path)
 
 
 @pytest.mark.parametrize("points", ['["12", "34"]', "[[true, 2], [3, 4]]", '[[1, 2], ["3", 4]]', "[[1, 2, 3], [3, 4]]"])
@@ -326,4 +336,4 @@ def test_points_must_be_numbers(tmp_path, points):
     d = write_drag100_sample(tmp_path, "dog_1")
     (d / "points.json").write_text('{"points": %s}' % points)
     with pytest.raises(BadInputError, match=r"sample 'dog_1': points.json: point \d is .*not \[x, y\] with two numbers"):
-        list(Drag100().samples(tmp_path))
+        read_all(Drag100(), tmp_path)

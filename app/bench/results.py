@@ -77,7 +77,8 @@ def read_run_json(folder: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and "final_handles" in data else None
+    return data if (isinstance(data, dict) and "final_handles" in data
+                    and isinstance(data.get("config", {}), dict)) else None
 
 
 def error_line(exc: BaseException) -> str:
@@ -88,11 +89,15 @@ def error_line(exc: BaseException) -> str:
 
 
 def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
-    if not report:
+    """The final handles of all pairs in a run.json, or None when absent or not [[x, y], ...]."""
+    if not isinstance(report, dict):
         return None
-    bench = report.get("bench") or {}
+    bench = report.get("bench")
+    bench = bench if isinstance(bench, dict) else {}
     for pts in (bench.get("final_handles_all_pairs"), report.get("final_handles")):
-        if isinstance(pts, list) and len(pts) == n_pairs:
+        if (isinstance(pts, list) and len(pts) == n_pairs
+                and all(isinstance(p, list) and len(p) == 2
+                        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p) for p in pts)):
             return pts
     return None
 
@@ -231,6 +236,7 @@ def _counts(rows: Sequence[dict]) -> dict[str, int]:
     c["total"] = len(rows)
     c["skipped"] = sum(bool(r["resumed"]) for r in rows)
     c["edited"] = sum(bool(r.get("edited")) for r in rows)
+    c["malformed"] = sum(bool(r.get("malformed")) for r in rows)
     return c
 
 
@@ -266,7 +272,8 @@ def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
 
 def counts_line(summary: dict) -> str:
     c = summary["counts"]
-    line = f"{c['ok']} ok, {c['failed']} failed, {c['missing']} missing of {c['total']} samples"
+    failed = f"{c['failed']} failed" + (f" ({c['malformed']} malformed)" if c.get("malformed") else "")
+    line = f"{c['ok']} ok, {failed}, {c['missing']} missing of {c['total']} samples"
     if summary.get("command") == "bench":
         line += f" (edited now {c['edited']}, resumed {c['skipped']})"
     return line

@@ -35,7 +35,7 @@ from gooddrag.core.config import DEFAULT_MODEL
 from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
-from gooddrag.core.samples import Sample
+from gooddrag.core.samples import MalformedSample, Sample
 from gooddrag.app.bench.report import write_report
 from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, error_line, final_points, hash_file, metric_keys,
                                         new_row, read_run_json, sample_dir, score_row, write_tables)
@@ -311,6 +311,10 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     pending: list[Sample] = []
     done_reports: dict[str, dict] = {}
     for s in samples:
+        if isinstance(s, MalformedSample):
+            rows[s.id].update(status="failed", error=s.error, malformed=True)
+            log(f"malformed, recorded as failed: {s.error}")
+            continue
         folder = sample_dir(root, s.id)
         report = None if opts.force else read_run_json(folder)
         if report is None:
@@ -339,9 +343,9 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     for sid, report in done_reports.items():
         row, folder = rows[sid], sample_dir(root, sid)
         clear_partials(folder)  # staging left by a process killed after this sample was finished
-        _fill_from_report(row, report, by_id[sid])
         row["resumed"], row["result_path"] = True, folder / "result.png"
         try:
+            _fill_from_report(row, report, by_id[sid], folder / "run.json")
             image = _load_result(folder / "result.png")
             score_row(row, metrics, by_id[sid], image, row["final_handles"], folder / "scores.json",
                       hash_file(folder / "run.json"))
@@ -412,10 +416,18 @@ def _load_result(path: Path) -> Image.Image:
     return open_image(path, "result").convert("RGB")
 
 
-def _fill_from_report(row: dict, report: dict, sample: Sample) -> None:
-    row["final_handles"] = final_points(report, len(sample.pairs))
-    t = report.get("timings_s") or {}
-    row["timings"] = {k: float(v) for k, v in t.items() if isinstance(v, (int, float))}
+def _fill_from_report(row: dict, report: dict, sample: Sample, path: Path | None = None) -> None:
+    """Final handles and timings from an edit's run.json; a field of the wrong type is an error
+    naming the file (a hand-edited or foreign run.json must not crash the whole run)."""
+    try:
+        row["final_handles"] = final_points(report, len(sample.pairs))
+        t = report.get("timings_s") or {}
+        row["timings"] = {str(k): float(v) for k, v in t.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    except (AttributeError, TypeError, ValueError) as exc:
+        row["final_handles"], row["timings"] = None, {}
+        raise BadInputError(f"{path or 'run.json'} has a field of the wrong type ({type(exc).__name__}); "
+                            "delete it to edit the sample again") from None
 
 
 def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plugins: list, dataset_name: str) -> dict:
@@ -489,21 +501,25 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     rows = [new_row(s) for s in samples]
     config = None
     for s, row in zip(samples, rows):
+        if isinstance(s, MalformedSample):
+            row.update(status="failed", error=s.error, malformed=True)
+            continue
         path = find_result(results_dir, s.id)
         if path is None:
             continue
         row["result_path"] = path
-        report = None
-        if path.name in RESULT_NAMES and (path.parent / "run.json").is_file():
-            with contextlib.suppress(OSError, ValueError):
-                report = json.loads((path.parent / "run.json").read_text())
-            if isinstance(report, dict):
-                _fill_from_report(row, report, s)
-                config = config or report.get("config")
         try:
+            report = None
+            if path.name in RESULT_NAMES and (path.parent / "run.json").is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    report = json.loads((path.parent / "run.json").read_text())
+                if isinstance(report, dict):
+                    _fill_from_report(row, report, s, path.parent / "run.json")
+                    cfg = report.get("config")
+                    config = config or (cfg if isinstance(cfg, dict) else None)
             image = _load_result(path)
-        except BadInputError as exc:
-            row["status"], row["error"] = "failed", error_line(exc)
+        except GoodDragError as exc:
+            row["status"], row["error"] = "failed", f"sample {s.id!r}: {error_line(exc)}"
             continue
         score_row(row, mets, s, image, row["final_handles"])
     found = sum(r["status"] != "missing" for r in rows)

@@ -2,7 +2,8 @@
 
 A dataset class has ``name``, a docstring, a frozen ``Params``, ``detect(folder) -> bool`` and
 ``samples(folder)`` yielding :class:`gooddrag.core.samples.Sample` sorted by id. A malformed sample
-raises :class:`BadInputError` naming it.
+is yielded as a :class:`gooddrag.core.samples.MalformedSample` with its reason (see :func:`guarded`),
+so one bad file does not stop a whole benchmark; ``load`` raises :class:`BadInputError` naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from PIL import Image
 
 from gooddrag.core.errors import BadInputError
 from gooddrag.core.inputs import Pair, open_image, point_list, read_small_file
+from gooddrag.core.samples import MalformedSample, Sample
+
+
+def guarded(sample_id: str, group: str, folder: Path, load: Any) -> Sample | MalformedSample:
+    """``load()``, or the reason it failed as a MalformedSample (any error: a reader's bug on a
+    hostile file must not stop the benchmark either)."""
+    try:
+        return load()
+    except BadInputError as exc:
+        return MalformedSample(id=sample_id, group=group, error=str(exc), path=folder)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return MalformedSample(id=sample_id, group=group, path=folder,
+                               error=f"sample {sample_id!r}: unexpected {type(exc).__name__}" + (f": {msg}" if msg else ""))
 
 
 def bad(sample_id: str, message: str) -> BadInputError:

@@ -25,8 +25,8 @@ import numpy as np
 
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.samples import Sample
-from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, pairs_from_flat, read_image, read_json,
-                                       subfolders)
+from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, guarded, pairs_from_flat, read_image,
+                                       read_json, subfolders)
 
 IMAGE_NAMES = ("original.jpg", "original.png", "original.jpeg")
 MARKERS = IMAGE_NAMES + ("points.json", "mask.png")
@@ -91,7 +91,8 @@ class Drag100:
                 continue  # not a sample folder
             if index is None:
                 index = _index_groups(folder)
-            yield self.load(d, index)
+            yield guarded(d.name, GROUPS.get(content_class(d.name)) or index.get(d.name) or "other", d,
+                          lambda: self.load(d, index))
 
     @staticmethod
     def load(d: Path, index: dict[str, str] | None = None) -> Sample:

@@ -32,8 +32,8 @@ from gooddrag.core.errors import BadInputError
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.inputs import read_small_file
 from gooddrag.core.samples import Sample
-from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, pairs_from_flat, read_image, read_json,
-                                       sample_file, subfolders)
+from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, guarded, pairs_from_flat, read_image,
+                                       read_json, sample_file, subfolders)
 
 IMAGE_NAME = "original_image.png"
 PICKLE_NAME = "meta_data.pkl"
@@ -208,7 +208,7 @@ class DragBench:
         for cat in subfolders(folder):
             for d in subfolders(cat):
                 if any((d / n).exists() for n in (IMAGE_NAME, PICKLE_NAME, JSON_NAME)):
-                    yield self.load(d, cat.name)
+                    yield guarded(f"{cat.name}/{d.name}", cat.name, d, lambda: self.load(d, cat.name))
 
     @staticmethod
     def load(d: Path, category: str) -> Sample:
