@@ -86,7 +86,7 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, staging, write_result_files
+    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, clear_partials, staging, write_result_files
 
     check_output_set(out, [*RESULT_FILES, *(["drag.gif"] if gif else []), *(["trace.jsonl"] if trace else [])],
                      {"image": image, "mask": mask, "points file": points_file})
@@ -97,6 +97,8 @@ def edit(
     from gooddrag.plugins.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention, registry=reg)
+    if out.is_dir():
+        clear_partials(out)  # left by a killed edit
     with staging(out) as tmp:
         plugins: list = []
         tracer = TraceWriter(tmp / "trace.jsonl") if trace else None
@@ -201,7 +203,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with _plugin_warnings_as_lines():
             rv = app(args=args, prog_name="gooddrag", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0  # typer returns 130 for a Ctrl-C it caught
+        if rv == 130:  # typer returns 130 for a Ctrl-C it caught, silently
+            typer.echo("interrupted: no partial output was kept", err=True)
+        return rv if isinstance(rv, int) else 0
     except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
     except (typer.Abort, click.exceptions.Abort):

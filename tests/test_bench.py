@@ -464,3 +464,30 @@ def test_score_records_a_bad_run_json_or_a_bomb_result_by_sample(d100, tmp_path,
     assert rows["nature_1"]["status"] == "ok"
     assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"].startswith("sample 'car_2': result ")
     assert "over the limit of 39999 pixels" in rows["car_2"]["error"]
+
+
+def test_results_csv_never_holds_a_spreadsheet_formula():
+    from gooddrag.app.bench.results import results_csv
+
+    rows = [{"id": i, "group": "=g", "status": "failed", "error": "@SUM(A1)", "n_pairs": 1, "scores": {},
+             "final_handles": None, "timings": {}, "resumed": False}
+            for i in ("=HYPERLINK(\"http://x\")", "+1", "-2", "@a", "plain")]
+    got = list(csv.reader(results_csv(rows, []).splitlines()))[1:]
+    assert [r[0] for r in got] == ["'=HYPERLINK(\"http://x\")", "'+1", "'-2", "'@a", "plain"]
+    assert all(r[1] == "'=g" and r[3] == "'@SUM(A1)" for r in got)
+
+
+class ExitingPlugin:
+    @hookimpl
+    def gooddrag_edit_started(self, config, image_size, points):
+        if tuple(image_size) == FAIL_SIZE:
+            raise SystemExit(0)
+
+
+def test_a_plugin_calling_sys_exit_fails_its_sample_not_the_bench(d100, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST], ExitingPlugin()) == 0
+    rows = read_csv(out / "results.csv")
+    assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"] == "SystemExit: 0"
+    assert rows["cat_0"]["status"] == "ok" and rows["nature_1"]["status"] == "ok"
+    assert "2 ok, 1 failed" in capsys.readouterr().out

@@ -336,3 +336,25 @@ def test_bomb_image_is_one_line_in_edit(tmp_path, capsys, no_model, monkeypatch)
     Image.new("RGB", (48, 32)).save(make)
     code, _, err = run(["edit", make, "--points", "8,8:30,20", "--out", tmp_path / "o"], capsys)
     assert code == 2 and err.startswith("error: image") and "over the limit of 100 pixels" in err
+
+
+# --- smaller: stale staging, Ctrl-C ------------------------------------------------------------------
+
+
+def test_edit_clears_staging_left_by_a_killed_run(img, tmp_path, capsys):
+    out = tmp_path / "o"
+    for name in (".partial-abc", ".partial-999999999-x", ".partial-1-live"):  # pid 1 is alive: not ours to clear
+        (out / name).mkdir(parents=True)
+        (out / name / "result.png").write_bytes(b"half")
+    _edit(img, out, capsys)
+    assert sorted(p.name for p in out.iterdir()) == [".partial-1-live", "points.png", "result.png", "run.json"]
+
+
+def test_ctrl_c_says_so(img, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Editor, "from_pretrained", classmethod(interrupted))
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 130 and "interrupted: no partial output was kept" in err
+    assert not (tmp_path / "o").exists()

@@ -156,7 +156,7 @@ def score_row(row: dict, metrics: Sequence[Any], sample: Sample, image: Image.Im
             values = metric.score(sample, image, final_points)
         except KeyboardInterrupt:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a metric's sys.exit() must not end the run silently
             errors.append(f"{metric.name}: {error_line(exc)}")
             continue
         values = {k: float(v) for k, v in values.items()}
@@ -200,6 +200,13 @@ def fmt_cell(v: Any, spec: str = ".8g", none: str = "") -> str:
     return str(v)
 
 
+def csv_text(v: Any) -> str:
+    """A text cell that a spreadsheet will not run: one starting with = + - @ (or a tab or CR) gets a
+    leading apostrophe (a sample id or error such as ``=HYPERLINK(...)`` would be a formula)."""
+    s = str(v)
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s
+
+
 def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = True) -> str:
     keys = metric_keys(rows, metrics)
     phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
@@ -211,7 +218,7 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
     w.writerow(header)
     for r in rows:
         t = r["timings"]
-        w.writerow([r["id"], r["group"], r["status"], r["error"], r["n_pairs"]]
+        w.writerow([csv_text(r["id"]), csv_text(r["group"]), r["status"], csv_text(r["error"]), r["n_pairs"]]
                    + [fmt_cell(r["scores"].get(m, {}).get(k)) for m, k in keys]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       fmt_cell(round(sum(t.values()), 4)) if t else ""]

@@ -459,7 +459,7 @@ def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plu
         return {"sample": sample, "error": None, "image": res.image, "report": res.report}
     except KeyboardInterrupt:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the bench silently
         return {"sample": sample, "error": error_line(exc), "image": None, "report": None}
 
 

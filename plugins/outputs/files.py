@@ -86,7 +86,7 @@ def staging(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".partial-{os.getpid()}-"))
     try:
         yield tmp
     except BaseException:
@@ -101,9 +101,23 @@ def staging(out_dir: Path) -> Iterator[Path]:
 
 
 def clear_partials(out_dir: Path) -> None:
-    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up."""
+    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up; one
+    whose process (named in it) is still running is another edit's, and is left alone."""
     for stale in Path(out_dir).glob(".partial-*"):
+        pid = stale.name.split("-")[1] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 def write_result_files(tmp: Path, original: Image.Image, result: Any) -> None:
