@@ -87,15 +87,20 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
+    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, clear_partials, staging, write_result_files
+
+    check_output_set(out, [*RESULT_FILES, *(["drag.gif"] if gif else []), *(["trace.jsonl"] if trace else [])],
+                     {"image": image, "mask": mask, "points file": points_file})
     O.silence_libraries()
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.files import staging, write_result_files
     from gooddrag.plugins.outputs.gif import GifWriter
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
                                     faithful=faithful, registry=reg)
+    if out.is_dir():
+        clear_partials(out)  # left by a killed edit
     with staging(out) as tmp:
         plugins: list = []
         tracer = TraceWriter(tmp / "trace.jsonl") if trace else None
@@ -117,6 +122,8 @@ def edit(
         if gifw:
             gifw.save(tmp / "drag.gif", result.image)
     r = result.report
+    for note in r["warnings"][len(inp.warnings):]:  # raised during the edit (a damaged LoRA cache retrained, ...)
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
                f"final handles {r['final_handles']})")
 
@@ -198,7 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with _plugin_warnings_as_lines():
             rv = app(args=args, prog_name="gooddrag", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0  # typer returns 130 for a Ctrl-C it caught
+        if rv == 130:  # typer returns 130 for a Ctrl-C it caught, silently
+            typer.echo("interrupted: no partial output was kept", err=True)
+        return rv if isinstance(rv, int) else 0
     except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
     except (typer.Abort, click.exceptions.Abort):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+import warnings
 from typing import Any, Iterable, Sequence
 
 import attrs
@@ -16,7 +17,7 @@ from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, reso
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
-from gooddrag.core.errors import ConfigError
+from gooddrag.core.errors import ConfigError, DivergedError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
 
@@ -79,8 +80,10 @@ class Editor:
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
-        with _registered(self.registry.pm, plugins), _tf32(not cfg.faithful and self.backbone.device.type == "cuda"):
-            return self._run(cfg, inp, prompt, list(inp.warnings))
+        notes = list(inp.warnings)
+        with _registered(self.registry.pm, plugins), _recorded_warnings(notes), \
+                _tf32(not cfg.faithful and self.backbone.device.type == "cuda"):
+            return self._run(cfg, inp, prompt, notes)
 
     def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
         reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
@@ -109,6 +112,9 @@ class Editor:
             z0 = b.encode(image)  # (1, 4, H/8, W/8)
             start, indices = drag_window(schedule, num_steps)
             z_start = b.invert(z0, start)
+            if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
+                raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
+                                    f"LoRA ({lora_status}) are broken; try --lora off, or delete that LoRA")
         with timer("reference"):
             ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
         handles, targets = (x.to(b.device) for x in inp.grid_points())
@@ -130,6 +136,9 @@ class Editor:
                     t = ddim.timesteps[k]
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+        if not bool(torch.isfinite(z).all()):
+            raise DivergedError("the latent became NaN/inf in the final denoising; lower -p schedule.lr, "
+                                "or try --dtype fp32")
         with timer("decode"):
             x = b.decode(z)  # (1, 3, H, W) in [0, 1]
             arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
@@ -224,6 +233,24 @@ def _tf32(on: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def _recorded_warnings(notes: list[str]):
+    """GoodDragWarnings raised during the edit (a damaged cache retrained, ...) go to ``notes`` (the
+    report's ``warnings``) as they happen; any other warning is shown as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", GoodDragWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, GoodDragWarning):
+                notes.append(str(message))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager

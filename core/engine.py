@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from gooddrag.core.ddim import start_index as _start_index
+from gooddrag.core.errors import DivergedError
 from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 
 
@@ -179,6 +180,13 @@ class DragContext:
             z = z.detach()
             x0 = self.backbone.sampler(len(self.timesteps)).predict_x0(z, self.backbone.eps(z, t), t)
         self.events.preview(t, drag, z, x0, self.points.handles)
+
+    def check_finite(self, z: torch.Tensor, t: int) -> None:
+        """Stop when the latent holds NaN/inf after dragging at timestep t (one host sync, once per
+        drag timestep): a diverged drag would otherwise decode to a black image reported as success."""
+        if not bool(torch.isfinite(z).all()):
+            raise DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
+                                "lower -p schedule.lr or the loss weights (e.g. -p loss.lam)")
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""

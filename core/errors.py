@@ -23,3 +23,12 @@ class ModelNotFoundError(GoodDragError):
 
 class RequirementError(GoodDragError):
     """An optional dependency, weight file or API key that a component needs is missing."""
+
+
+class DivergedError(GoodDragError):
+    """The latent stopped being finite (NaN/inf): the image would be black, so nothing is written."""
+
+
+class GoodDragWarning(UserWarning):
+    """Something was repaired or skipped and the user should know (a damaged cache retrained, a result
+    not cached); the editor records these in the run report and the CLI prints them."""

@@ -73,6 +73,10 @@ def _source(index: torch.Tensor, out_size: int, in_size: int) -> tuple[torch.Ten
 
 Features = Union[torch.Tensor, FeatureMap]
 
+# Upper bounds of the losses' parameters: beyond them a value can only overflow or allocate absurdly
+# (the feature grid is a few hundred px; a step or weight of 1e308 gives inf, not a stronger drag).
+MAX_STEP, MAX_LAM, MAX_PATCH_RADIUS = 1e4, 1e6, 64
+
 
 def _offsets(radius: int, device: torch.device) -> torch.Tensor:
     return torch.arange(-radius, radius + 1, device=device)

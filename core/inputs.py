@@ -8,6 +8,9 @@ Points arrive as image pixels ``[x, y]`` of the original image. The engine works
 from __future__ import annotations
 
 import json
+import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,24 +18,118 @@ import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gooddrag.core.errors import BadInputError
 
 Pair = tuple[tuple[float, float], tuple[float, float]]
 
+#: a points file is a few hundred bytes; anything far larger is not one (and must not fill memory)
+MAX_POINTS_FILE_BYTES = 1 << 20
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open an image file fully (so later failures can't come from a lazy read)."""
+
+def check_regular_file(path: str | Path, what: str) -> os.stat_result:
+    """Refuse what is not a regular file before opening it: a FIFO would block forever, a device
+    such as /dev/zero never ends, a folder gives IsADirectoryError."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        st = os.stat(path)
     except FileNotFoundError:
-        raise BadInputError(f"{what} {str(path)!r} does not exist; pass a PNG/JPEG file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInputError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise BadInputError(f"{what} {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadInputError(f"{what} {str(path)!r} is a folder; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInputError(f"{what} {str(path)!r} is not a regular file (a pipe or device); give a file")
+    return st
+
+
+def read_small_file(path: str | Path, what: str, limit: int = MAX_POINTS_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (checked before and while reading)."""
+    st = check_regular_file(path, what)
+    if st.st_size > limit:
+        raise BadInputError(f"{what} {str(path)!r} is {st.st_size} bytes, over the {limit}-byte limit")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(st.st_size + 1)  # read(n) reserves n bytes: the size, not the limit
+    except OSError as exc:
+        raise BadInputError(f"{what} {str(path)!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > st.st_size:  # grew while being read
+        raise BadInputError(f"{what} {str(path)!r} changed while it was read; try again")
+    return data
+
+
+def point_list(flat: Any) -> list[tuple[float, float]]:
+    """``[[x, y], ...]`` -> float pairs. Only JSON numbers count: a string ``"12"`` is not the point
+    (1, 2) and ``true`` is not 1. Raises ValueError naming the first bad entry."""
+    if not isinstance(flat, (list, tuple)):
+        raise ValueError("points are not a list of [x, y]")
+    out = []
+    for i, pt in enumerate(flat):
+        if (not isinstance(pt, (list, tuple)) or len(pt) != 2
+                or not all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
+                           for c in pt)):
+            raise ValueError(f"point {i + 1} is {json.dumps(pt, default=str)[:40]}, not [x, y] with two numbers")
+        out.append((float(pt[0]), float(pt[1])))
+    return out
+
+
+def open_image(path: str | Path, what: str = "image", notes: list[str] | None = None) -> Image.Image:
+    """Open an image file fully, as it is displayed: EXIF orientation applied (points are given in
+    displayed coordinates), 16-bit grayscale scaled to 8 bits (a plain convert clips it to white),
+    the first frame of an animation (said in ``notes``). Refuses, in one line, what is not a regular
+    file and images over pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+    check_regular_file(path, what)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as im:
+                w, h = im.size
+                if limit and w * h > limit:
+                    raise Image.DecompressionBombError(f"{w}x{h}")
+                frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
+                im.load()
+                out = ImageOps.exif_transpose(im) or im.copy()
+    except Image.DecompressionBombError:
+        raise BadInputError(f"{what} {str(path)!r} is {_size_of(path)}, over the limit of {limit} pixels "
+                            f"(a decompression bomb, or far larger than needed); downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"{what} {str(path)!r} is not a readable image ({type(exc).__name__}); "
                             "pass a PNG/JPEG file") from None
+    if frames > 1 and notes is not None:
+        notes.append(f"{what} {str(path)!r} is animated ({frames} frames): frame 1 is used")
+    return to_8bit(out)
+
+
+def _size_of(path: str | Path) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    return f"{im.size[0]}x{im.size[1]}"
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Exception:
+        return "too many pixels"
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer grayscale (``I;16*``, ``I``) -> ``L`` by scaling 0..65535 to 0..255;
+    pillow's own convert clips every value above 255 to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def load_image(path: str | Path, what: str = "image", notes: list[str] | None = None) -> Image.Image:
+    """Open an image file fully (so later failures can't come from a lazy read); see :func:`open_image`."""
+    if not Path(path).exists():
+        raise BadInputError(f"{what} {str(path)!r} does not exist; pass a PNG/JPEG file")
+    return open_image(path, what, notes)
 
 
 def parse_points(specs: Sequence[str]) -> list[Pair]:
@@ -61,15 +158,19 @@ def _xy(text: str, spec: str) -> tuple[float, float]:
 
 def load_points_file(path: str | Path) -> list[Pair]:
     """GoodDrag/Drag100 format ``{"points": [[x, y], ...]}``: handle, target, handle, target, ..."""
+    raw = read_small_file(path, "points file")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(raw)
         flat = data["points"] if isinstance(data, dict) else data
-        coords = [(float(x), float(y)) for x, y in flat]
-    except FileNotFoundError:
-        raise BadInputError(f"points file {str(path)!r} does not exist") from None
     except (ValueError, KeyError, TypeError):
         raise BadInputError(f"points file {str(path)!r} is not {{\"points\": [[x, y], ...]}} "
                             "(handle, target, handle, target, ...)") from None
+    try:
+        coords = point_list(flat)
+    except ValueError as exc:
+        raise BadInputError(f"points file {str(path)!r}: {exc}; write {{\"points\": [[x, y], ...]}}") from None
+    if not all(np.isfinite(c).all() for c in coords):
+        raise BadInputError(f"points file {str(path)!r}: a point is not finite")
     if len(coords) % 2:
         raise BadInputError(f"points file {str(path)!r} has {len(coords)} points, an odd number; "
                             "give handle, target pairs")
@@ -151,18 +252,19 @@ class EditInput:
 def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width: int = 512,
                   what: str = "image") -> EditInput:
     """Validate everything about the request (no model involved)."""
-    img = load_image(image, what) if isinstance(image, (str, Path)) else image
+    notes: list[str] = []
+    img = load_image(image, what, notes) if isinstance(image, (str, Path)) else image
     if not isinstance(img, Image.Image):
         raise BadInputError("image must be a file path or a PIL image")
-    img = img.convert("RGB")
+    img = to_8bit(img).convert("RGB")
     validate_points(pairs, img.size)
-    notes: list[str] = []
     arr = None
     if mask is None:
         notes.append("no mask given: the whole image is editable (mask term off)")
     else:
-        m = load_image(mask, "mask") if isinstance(mask, (str, Path)) else mask
+        m = load_image(mask, "mask", notes) if isinstance(mask, (str, Path)) else mask
         if isinstance(m, Image.Image):
+            m = to_8bit(m)
             if m.size != img.size:
                 raise BadInputError(f"mask is {m.size[0]}x{m.size[1]} but the image is {img.size[0]}x{img.size[1]}; "
                                     "give a mask of the image's size (white = editable)")
@@ -173,4 +275,12 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width:
                 raise BadInputError(f"mask has shape {arr.shape} but the image is {img.size[1]}x{img.size[0]} (HxW)")
         if not arr.any():
             notes.append("mask has no editable (white) pixel: the whole image is kept on the unedited trajectory")
-    return EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), tuple(notes))
+    inp = EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), ())
+    handles, targets = inp.grid_points()
+    for i in range(len(pairs)):
+        if bool((handles[i] == targets[i]).all()):
+            ww, wh = inp.work_size
+            notes.append(f"pair {i + 1}: handle and target fall in the same feature cell at the {ww}x{wh} working "
+                         f"size (the image is {img.size[0]}x{img.size[1]}), so it cannot move; use a larger "
+                         "--width or points further apart")
+    return attrs.evolve(inp, warnings=tuple(notes))

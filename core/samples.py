@@ -22,3 +22,15 @@ class Sample:
     pairs: tuple[Pair, ...]  # ((hx, hy), (tx, ty)), ...
     prompt: str = ""
     path: Path | None = None  # the sample's folder
+
+
+@attrs.frozen(kw_only=True)
+class MalformedSample:
+    """A sample that could not be read: ``bench`` and ``score`` record it as failed with ``error``
+    and go on with the others, instead of one bad file stopping the whole run."""
+
+    id: str
+    group: str
+    error: str  # one line, naming the sample and the culprit
+    path: Path | None = None
+    pairs: tuple[Pair, ...] = ()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import attrs
 import torch
-from attrs.validators import ge
+from attrs.validators import ge, le
 
 from gooddrag.core.engine import DragContext, LossParts, Points
-from gooddrag.core.geometry import crop_patches, motion_steps, sample_patches
+from gooddrag.core.geometry import (MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, crop_patches, motion_steps,
+                                    sample_patches)
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
+
 
 
 class PatchFollowing:
@@ -23,10 +25,10 @@ class PatchFollowing:
 
     @attrs.frozen(kw_only=True)
     class Params:
-        patch_radius: int = p(1, "r: patches are (2r+1)^2 = 3x3", ge(0))
-        max_step: float = p(1.0, "step length in feature px (unit step)", ge(0), finite)
+        patch_radius: int = p(1, "r: patches are (2r+1)^2 = 3x3", ge(0), le(MAX_PATCH_RADIUS))
+        max_step: float = p(1.0, "step length in feature px (unit step)", ge(0), le(MAX_STEP), finite)
         skip_distance: float = p(2.0, "pairs closer than this to their target add no motion term", ge(0), finite)
-        lam: float = p(0.1, "weight of the mask-preservation term", ge(0), finite)
+        lam: float = p(0.1, "weight of the mask-preservation term", ge(0), le(MAX_LAM), finite)
 
     #: reads features only through gooddrag.core.geometry, so it can be given a FeatureMap
     reads_patches = True

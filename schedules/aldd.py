@@ -29,7 +29,7 @@ class AlDD:
         drag_timesteps: int = p(7, "denoising timesteps that drag (T2)", ge(1))
         drags_per_timestep: int = p(10, "drags B per timestep, each followed by tracking", ge(1))
         steps_per_drag: int = p(3, "Adam steps J per drag", ge(1))
-        lr: float = p(0.02, "Adam learning rate on the latent", gt(0), finite)
+        lr: float = p(0.02, "Adam learning rate on the latent (at most 10: larger only overflows)", gt(0), le(10), finite)
         reach_distance: float = p(2.0, "done when every handle is this close (feature px)", ge(0), finite)
         patience: int = p(10, "stop after this many drags in a row with no point moving (0 = never)", ge(0))
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off, as the public code)", ge(0), finite)
@@ -97,6 +97,7 @@ class AlDD:
             with torch.no_grad():
                 eps, _ = ctx.forward(z, t)
                 z = ctx.backbone.ddim_step(z, eps, t)
+            ctx.check_finite(z, t)
             if stop:
                 reason = stop
                 ev.stopped(t, reason)

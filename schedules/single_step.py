@@ -25,7 +25,7 @@ class SingleStep:
         num_inference_steps: int = p(50, "DDIM steps of the whole sampler", ge(1))
         inversion_strength: float = p(0.7, "fraction of steps inverted (0.7 -> drag at t=681)", gt(0), le(1), finite)
         steps: int = p(80, "Adam steps on the latent (210 for DragDiffusion*)", ge(1))
-        lr: float = p(0.01, "Adam learning rate on the latent", gt(0), finite)
+        lr: float = p(0.01, "Adam learning rate on the latent (at most 10: larger only overflows)", gt(0), le(10), finite)
         reach_distance: float = p(2.0, "done when every handle is this close (feature px)", ge(0), finite)
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off)", ge(0), finite)
 
@@ -61,6 +61,7 @@ class SingleStep:
             if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
                 reason = "loss_threshold"
                 break
+        ctx.check_finite(z.detach(), t)
         ev.stopped(t, reason)
         return Outcome(z.detach(), k, reason, done, done)
 

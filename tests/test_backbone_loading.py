@@ -3,6 +3,8 @@ and a LoRA given by path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,62 @@ def test_fused_lora_gives_the_unfused_result(tiny_editor):
     assert np.abs(a - c).max() <= 2  # same edit up to float rounding (8-bit output)
     tiny_editor.edit(image, [((8, 8), (20, 20))], lora="off", **kw)
     assert all(torch.equal(p, base[n]) for n, p in weights().items())  # restored bit for bit on drop
+
+
+_LORA_KW = dict(width=32, overrides=["lora.steps=1", "lora.crop=32", "lora.batch_size=1", "lora.rank=2",
+                                     "schedule.num_inference_steps=10", "schedule.drag_timesteps=1",
+                                     "schedule.drags_per_timestep=1"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "bitflip", "no-checksum"])
+def test_damaged_lora_cache_entry_is_retrained_and_replaced(tiny_editor, tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+    image = random_image(32, 32, seed=11)
+    first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    folder = Path(first.report["lora"].split(" ", 1)[1])
+    weights = folder / "pytorch_lora_weights.safetensors"
+    good = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "bitflip":
+        data = bytearray(good)
+        data[-5] ^= 0x40  # a weight, not the header
+        weights.write_bytes(bytes(data))
+    else:
+        (folder / "weights.sha256").unlink()
+    again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert again.report["lora"] == f"trained {folder}"
+    assert any(w.startswith(f"cached LoRA {folder} is damaged") and "retraining and replacing it" in w
+               for w in again.report["warnings"])
+    assert weights.read_bytes() == good  # replaced by the same (deterministic) training
+    third = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert third.report["lora"] == f"cached {folder}" and third.image.tobytes() == first.image.tobytes()
+
+
+@pytest.mark.parametrize("where", ["file", "read-only"])
+def test_unwritable_lora_cache_is_found_before_training(tiny_editor, tmp_path, monkeypatch, where):
+    from gooddrag.plugins.backbones import lora as lora_mod
+
+    if where == "file":
+        (tmp_path / "cachefile").write_text("x")
+        monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cachefile"))
+    else:
+        monkeypatch.setenv("GOODDRAG_CACHE", "/sys/gooddrag-cache")  # not writable, even by root
+    trained = []
+    real_train = lora_mod.PerImageLora.train
+    monkeypatch.setattr(lora_mod.PerImageLora, "train", lambda self, *a: (trained.append(1), real_train(self, *a)))
+    res = tiny_editor.edit(random_image(32, 32, seed=12), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert res.report["lora"] == "trained (not cached)" and trained == [1]
+    assert any("not a writable folder" in w and "set GOODDRAG_CACHE to a writable folder" in w
+               for w in res.report["warnings"])
+
+
+def test_lora_path_that_cannot_be_loaded_is_one_line(tiny_editor, tmp_path):
+    from gooddrag.core.errors import BadInputError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    with pytest.raises(BadInputError, match=r"--lora .*bad.safetensors cannot be loaded"):
+        tiny_editor.edit(random_image(32, 32), [((8, 8), (20, 20))], lora=str(bad), **_LORA_KW)

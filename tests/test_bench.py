@@ -107,7 +107,8 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
     assert rows["cat_0"]["group"] == "animal" and rows["car_2"]["group"] == "object"
     assert not (out / "samples" / "car_2").exists()  # a failed edit leaves nothing behind
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 2, "failed": 1, "missing": 0, "total": 3, "skipped": 0, "edited": 3}
+    assert summary["counts"] == {"ok": 2, "failed": 1, "missing": 0, "total": 3, "skipped": 0, "edited": 3,
+                                 "malformed": 0}
     assert summary["failed"] == [{"id": "car_2", "error": "RuntimeError: injected failure"}]
     assert summary["config"]["schedule_params"]["num_inference_steps"] == 10 and summary["config"]["width"] == 64
     overall = summary["aggregate"]["overall"]["dai"]
@@ -129,7 +130,8 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
     assert all(r["status"] == "ok" for r in rows2.values())
     assert rows2["cat_0"]["dai_1"] == rows["cat_0"]["dai_1"] and rows2["cat_0"]["resumed"] == "true"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 3, "failed": 0, "missing": 0, "total": 3, "skipped": 2, "edited": 1}
+    assert summary["counts"] == {"ok": 3, "failed": 0, "missing": 0, "total": 3, "skipped": 2, "edited": 1,
+                                 "malformed": 0}
     assert "resuming: 2 of 3" in capsys.readouterr().err
 
     # a third run with nothing to do loads no model and edits nothing
@@ -204,9 +206,6 @@ def test_bench_validates_everything_before_the_model_loads(d100, tmp_path, capsy
         assert err.startswith("error: ") and message in err and "\n" not in err, (extra, err)
     assert run_cli(["bench", d100, *FAST]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
-    (d100 / "cat_0" / "points.json").write_text('{"points": [[1, 2]]}')
-    assert run_cli(["bench", d100, "--out", out, *FAST]) == 2
-    assert "sample 'cat_0': points.json: 1 points, an odd number" in capsys.readouterr().err
     assert run_cli(["bench", tmp_path / "nothing-here", "--out", out, *FAST]) == 2
     assert not (out / "samples").exists()
 
@@ -350,3 +349,145 @@ def test_score_unedited_real_drag100_copies_equals_an_independent_dai(tmp_path, 
     for (sid, g), value in want.items():
         assert float(rows[sid][f"dai_{g}"]) == pytest.approx(value, rel=1e-6)
     assert want[("antelopes_0", 1)] == pytest.approx(0.16493315, rel=1e-6)  # the value in the closing note
+
+
+# --- two runs on one --out ------------------------------------------------------------------------
+
+_HOLDER = r"""
+import os, sys, time
+from pathlib import Path
+from gooddrag.core.editor import Editor
+from gooddrag.app.cli import main
+
+go, ready = Path(sys.argv[1]), Path(sys.argv[2])
+real = Editor.from_pretrained.__func__
+
+def paused(cls, *a, **k):  # holds the lock (taken before any model loads) until the test says go
+    ready.write_text(str(os.getpid()))
+    for _ in range(1200):  # at most a minute
+        if go.exists():
+            break
+        time.sleep(0.05)
+    return real(cls, *a, **k)
+
+Editor.from_pretrained = classmethod(paused)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_second_bench_on_the_same_out_is_refused_naming_the_holder(d100, tmp_path):
+    import os
+    import subprocess
+
+    out, go, ready = tmp_path / "o", tmp_path / "go", tmp_path / "ready"
+    args = ["bench", str(d100), "--out", str(out), "--limit", "1", *FAST]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-c", _HOLDER, str(go), str(ready), *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # bounded: the first run is validating, then takes the lock
+            if ready.exists() or first.poll() is not None:
+                break
+            import time
+            time.sleep(0.05)
+        assert ready.exists(), first.communicate()[1]
+        second = subprocess.run([sys.executable, "-c", "import sys; from gooddrag.app.cli import main; "
+                                 "sys.exit(main(sys.argv[1:]))", *args], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: --out {str(out)!r} is in use by another gooddrag bench "
+                                         f"(process {first.pid}); wait for it to finish, or use another --out")
+        assert not (out / "samples").exists()  # the refused run touched nothing
+    finally:
+        first.kill()  # a killed holder leaves no stale lock: the kernel drops it
+        first.wait()
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["ok"]
+
+
+def test_shards_share_one_out_but_a_shard_runs_once(d100, tmp_path):
+    from gooddrag.app.bench.run import lock_out
+    from gooddrag.core.errors import BadInputError
+
+    out = tmp_path / "o"
+    out.mkdir()
+    a, b, c = [], [], []
+    lock_out(out, (0, 2), a)
+    lock_out(out, (1, 2), b)  # another shard: fine
+    import os
+    with pytest.raises(BadInputError, match=rf"in use by another gooddrag bench \(process {os.getpid()}\)"):
+        lock_out(out, (0, 2), c)
+    with pytest.raises(BadInputError, match="in use by another gooddrag bench"):
+        lock_out(out, None, c)  # a full run while shards run
+    for fh in a + b:
+        fh.close()
+    lock_out(out, None, c)
+    for fh in c:
+        fh.close()
+
+
+# --- malformed samples are recorded, not fatal -------------------------------------------------------
+
+
+def test_malformed_samples_are_recorded_as_failed_and_the_rest_runs(d100, tmp_path, capsys):
+    (d100 / "cat_0" / "points.json").write_text('{"points": [[1, 2]]}')
+    (d100 / "car_2" / "points.json").write_text('{"points": [["8", "4"], [16, 4]]}')
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST]) == 0
+    err = capsys.readouterr()
+    assert "malformed, recorded as failed: sample 'cat_0': points.json: 1 points, an odd number" in err.err
+    assert "1 ok, 2 failed (2 malformed), 0 missing of 3 samples" in err.out
+    rows = read_csv(out / "results.csv")
+    assert rows["cat_0"]["status"] == "failed" and "1 points, an odd number" in rows["cat_0"]["error"]
+    assert rows["car_2"]["status"] == "failed" and "point 1 is" in rows["car_2"]["error"]
+    assert rows["nature_1"]["status"] == "ok"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["failed"] == 2 and summary["counts"]["malformed"] == 2
+    assert {f["id"] for f in summary["failed"]} == {"cat_0", "car_2"}
+
+
+def test_score_records_a_bad_run_json_or_a_bomb_result_by_sample(d100, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "res"
+    for sid in ("cat_0", "nature_1", "car_2"):
+        (results / sid).mkdir(parents=True)
+        Image.new("RGB", (48, 8) if sid != "car_2" else FAIL_SIZE).save(results / sid / "result.png")
+    (results / "cat_0" / "run.json").write_text(json.dumps({"final_handles": 3, "timings_s": [1, 2],
+                                                             "bench": ["x"]}))
+    (results / "nature_1" / "run.json").write_text(json.dumps({"final_handles": [[1, 2]], "timings_s": {"a": "b"}}))
+    Image.new("RGB", (200, 200)).save(results / "car_2" / "result.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40000 - 1)
+    assert run_cli(["score", results, d100, "--out", tmp_path / "s"]) == 0
+    rows = read_csv(tmp_path / "s" / "results.csv")
+    assert rows["cat_0"]["status"] == "failed" and "run.json has a field of the wrong type" in rows["cat_0"]["error"]
+    assert rows["cat_0"]["error"].startswith("sample 'cat_0': ")
+    assert rows["nature_1"]["status"] == "ok"
+    assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"].startswith("sample 'car_2': result ")
+    assert "over the limit of 39999 pixels" in rows["car_2"]["error"]
+
+
+def test_results_csv_never_holds_a_spreadsheet_formula():
+    from gooddrag.app.bench.results import results_csv
+
+    rows = [{"id": i, "group": "=g", "status": "failed", "error": "@SUM(A1)", "n_pairs": 1, "scores": {},
+             "final_handles": None, "timings": {}, "resumed": False}
+            for i in ("=HYPERLINK(\"http://x\")", "+1", "-2", "@a", "plain")]
+    got = list(csv.reader(results_csv(rows, []).splitlines()))[1:]
+    assert [r[0] for r in got] == ["'=HYPERLINK(\"http://x\")", "'+1", "'-2", "'@a", "plain"]
+    assert all(r[1] == "'=g" and r[3] == "'@SUM(A1)" for r in got)
+
+
+class ExitingPlugin:
+    @hookimpl
+    def gooddrag_edit_started(self, config, image_size, points):
+        if tuple(image_size) == FAIL_SIZE:
+            raise SystemExit(0)
+
+
+def test_a_plugin_calling_sys_exit_fails_its_sample_not_the_bench(d100, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST], ExitingPlugin()) == 0
+    rows = read_csv(out / "results.csv")
+    assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"] == "SystemExit: 0"
+    assert rows["cat_0"]["status"] == "ok" and rows["nature_1"]["status"] == "ok"
+    assert "2 ok, 1 failed" in capsys.readouterr().out

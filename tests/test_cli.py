@@ -4,6 +4,7 @@ full edits on the tiny model with every output file."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,7 +69,13 @@ def _bad_inputs(tmp_path, img):
     (tmp_path / "odd.json").write_text(json.dumps({"points": [[1, 1], [2, 2], [3, 3]]}))
     (tmp_path / "notimg.png").write_text("not an image")
     Image.new("L", (10, 10)).save(tmp_path / "small_mask.png")
+    (tmp_path / "strings.json").write_text(json.dumps({"points": ["12", "34"]}))
+    (tmp_path / "bools.json").write_text(json.dumps({"points": [[True, 1], [3, 4]]}))
+    (tmp_path / "folder.json").mkdir()
     return [
+        ([img, "--points-file", tmp_path / "strings.json"], "point 1 is \"12\", not [x, y] with two numbers"),
+        ([img, "--points-file", tmp_path / "bools.json"], "point 1 is [true, 1], not [x, y] with two numbers"),
+        ([img, "--points-file", tmp_path / "folder.json"], "is a folder; give a file"),
         ([tmp_path / "notimg.png", "--points", "1,1:5,5"], "not a readable image"),
         ([tmp_path / "missing.png", "--points", "1,1:5,5"], "does not exist"),
         ([img, "--points", "10,10:60,20"], "target 1 at (60, 20) is outside the 48x32 image"),
@@ -189,3 +196,165 @@ def test_handles_at_the_border_work(tmp_path, capsys):
 def test_unimplemented_commands_say_so(capsys):
     code, _, err = run(["ui"], capsys)
     assert code == 2 and "not implemented" in err
+
+
+def test_out_that_would_replace_an_input_or_cannot_be_written_is_refused(tmp_path, capsys, no_model):
+    from gooddrag.testing import random_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    random_image(48, 32).save(src / "result.png")
+    Image.new("L", (48, 32), 255).save(src / "points.png")
+    (src / "run.json").write_text(json.dumps({"points": [[8, 8], [30, 20]]}))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    cases = [
+        (["edit", src / "result.png", "--points", "8,8:30,20", "--out", src], "would replace the input image"),
+        (["edit", tmp_path / "in" / "." / "result.png", "--points", "8,8:30,20", "--out", src / "."],
+         "would replace the input image"),
+        (["edit", src / "result.png", "--points", "8,8:30,20", "--mask", src / "points.png", "--out", src],
+         "would replace the input image"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--mask", src / "points.png", "--out", src],
+         "would replace the input mask"),
+        (["edit", img_copy(tmp_path), "--points-file", src / "run.json", "--out", src],
+         "would replace the input points file"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", src / "run.json"], "is a file; give a folder"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", src / "run.json" / "x"], "is a file, not a folder"),
+        (["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", "/sys/gooddrag-out"], "is not writable"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run([*argv, *FAST], capsys)
+        lines = [l for l in err.strip().splitlines() if not l.startswith("warning:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_read_only_out_is_refused_before_the_model(tmp_path, capsys, no_model):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as root: a read-only folder is writable")
+        code, _, err = run(["edit", img_copy(tmp_path), "--points", "8,8:30,20", "--out", ro / "o", *FAST], capsys)
+        assert code == 2 and "is not writable" in err
+    finally:
+        ro.chmod(0o755)
+
+
+def img_copy(tmp_path):
+    from gooddrag.testing import random_image
+
+    path = tmp_path / "elsewhere.png"
+    if not path.exists():
+        random_image(48, 32).save(path)
+    return path
+
+
+@pytest.mark.parametrize("schedule", ["aldd", "single-step"])
+def test_a_diverging_drag_is_an_error_and_writes_nothing(img, tmp_path, capsys, monkeypatch, schedule):
+    import torch
+
+    from gooddrag.schedules import aldd, single_step
+
+    # what -p schedule.lr=1e30 did before lr had an upper bound
+    for mod in (aldd, single_step):
+        monkeypatch.setattr(mod, "make_optimizer", lambda z, lr: torch.optim.Adam([z], lr=1e30))
+    extra = ["--schedule", schedule] + (["-p", "schedule.steps=3"] if schedule == "single-step" else [])
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *(BASE if extra[1] != "aldd" else FAST), *extra,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "error: the latent became NaN/inf while dragging at timestep" in err
+    assert "lower -p schedule.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_broken_weights_are_an_error_and_write_nothing(img, tmp_path, capsys, monkeypatch):
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
+
+    real = StableDiffusionBackbone.invert
+    monkeypatch.setattr(StableDiffusionBackbone, "invert", lambda self, z, k: real(self, z, k) * float("nan"))
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "the inverted latent is NaN/inf before any drag" in err and "--lora off" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("param", ["loss.max_step=1e308", "schedule.lr=1e30", "loss.lam=1e308",
+                                   "loss.patch_radius=100000"])
+def test_parameters_that_can_only_overflow_are_refused(img, capsys, no_model, param):
+    code, _, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "-p", param], capsys)
+    assert code == 2 and param.split("=")[0] in err and len(err.strip().splitlines()) == 1
+
+
+# --- unusual images ---------------------------------------------------------------------------------
+
+
+def test_image_decoding_16bit_exif_animated_bomb(tmp_path, monkeypatch):
+    from gooddrag.core.errors import BadInputError
+    from gooddrag.core.inputs import prepare_input
+
+    ramp = (np.arange(48 * 32, dtype=np.uint32).reshape(32, 48) * 40).astype(np.uint16)  # 0..61400
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    inp = prepare_input(tmp_path / "g16.png", [((8, 8), (30, 20))])
+    got = np.asarray(inp.image)[..., 0].astype(int)
+    assert np.abs(got - np.round(ramp / 257)).max() <= 1 and got.min() == 0 and got.max() > 200  # not all white
+
+    # a phone photo: stored 48 wide x 32 high, EXIF orientation 6 (display rotated 90 degrees: 32x48)
+    raw = Image.new("RGB", (48, 32), (0, 0, 0))
+    raw.paste((255, 0, 0), (0, 0, 8, 8))  # top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    inp = prepare_input(tmp_path / "phone.jpg", [((4, 40), (20, 40))])  # y=40 exists only when displayed
+    assert inp.size == (32, 48)
+    assert inp.image.getpixel((28, 3))[0] > 200  # stored top-left is displayed top-right
+
+    frames = [Image.new("RGB", (48, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    inp = prepare_input(tmp_path / "anim.gif", [((8, 8), (30, 20))])
+    assert any("is animated (2 frames): frame 1 is used" in n for n in inp.warnings)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadInputError, match=r"is 48x32, over the limit of 1000 pixels .*downscale it"):
+        prepare_input(tmp_path / "anim.gif", [((8, 8), (30, 20))])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # over twice the limit: pillow's own error
+    with pytest.raises(BadInputError, match=r"is 48x32, over the limit of 700 pixels"):
+        prepare_input(tmp_path / "g16.png", [((8, 8), (30, 20))])
+
+
+def test_pair_collapsing_to_one_grid_cell_is_warned(tmp_path):
+    from gooddrag.core.inputs import prepare_input
+
+    Image.new("RGB", (1000, 100)).save(tmp_path / "wide.png")
+    inp = prepare_input(tmp_path / "wide.png", [((100, 50), (110, 50)), ((100, 50), (600, 50))], width=32)
+    notes = [n for n in inp.warnings if "same feature cell" in n]
+    assert len(notes) == 1 and notes[0].startswith("pair 1: handle and target fall in the same feature cell at the 32x")
+
+
+def test_bomb_image_is_one_line_in_edit(tmp_path, capsys, no_model, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    make = tmp_path / "i.png"
+    Image.new("RGB", (48, 32)).save(make)
+    code, _, err = run(["edit", make, "--points", "8,8:30,20", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.startswith("error: image") and "over the limit of 100 pixels" in err
+
+
+# --- smaller: stale staging, Ctrl-C ------------------------------------------------------------------
+
+
+def test_edit_clears_staging_left_by_a_killed_run(img, tmp_path, capsys):
+    out = tmp_path / "o"
+    for name in (".partial-abc", ".partial-999999999-x", ".partial-1-live"):  # pid 1 is alive: not ours to clear
+        (out / name).mkdir(parents=True)
+        (out / name / "result.png").write_bytes(b"half")
+    _edit(img, out, capsys)
+    assert sorted(p.name for p in out.iterdir()) == [".partial-1-live", "points.png", "result.png", "run.json"]
+
+
+def test_ctrl_c_says_so(img, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Editor, "from_pretrained", classmethod(interrupted))
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
+    assert code == 130 and "interrupted: no partial output was kept" in err
+    assert not (tmp_path / "o").exists()

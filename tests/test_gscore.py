@@ -40,13 +40,27 @@ class FakeJudge:
         self.script: list[tuple[int, str]] = []
         self.default = (200, "5")
         self.requests: list[dict] = []
+        self.redirect_to = ""  # answer every request with 302 to this URL
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # where a followed redirect arrives
+                judge.requests.append({"path": self.path, "headers": dict(self.headers), "body": None,
+                                       "method": "GET"})
+                self._reply(*judge.default)
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 judge.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, text = judge.script.pop(0) if judge.script else judge.default
+                if judge.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", judge.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._reply(*(judge.script.pop(0) if judge.script else judge.default))
+
+            def _reply(self, status, text):
                 if status != 200:
                     out = json.dumps({"error": {"code": status, "message": text, "status": "ERR"}})
                 elif ":generateContent" in self.path:
@@ -301,3 +315,80 @@ def test_contract_suite(judge, keys, tmp_path):
             replies_dir: str = p(replies, "replies")
 
     check_metric(LocalJudge, SAMPLE, result_image())
+
+
+# --- credentials: redirects, echoed keys, recorded URLs, plain http ------------------------------------
+
+
+@pytest.fixture
+def other_host(judge):
+    """A second judge (another origin) that a redirect points to."""
+    j = FakeJudge()
+    j.default = (200, "9")
+    yield j
+    j.close()
+
+
+def test_openai_redirect_is_an_error_and_the_key_goes_nowhere_else(judge, other_host, keys, tmp_path):
+    keys.setenv("OPENAI_API_KEY", "sk-secret-123")
+    judge.redirect_to = other_host.url
+    m = openai_metric(judge, tmp_path, repeats=1)
+    with pytest.raises(GoodDragError) as exc:
+        m.score(SAMPLE, result_image(), None)
+    msg = str(exc.value)
+    assert "HTTP 302" in msg and "redirect" in msg and "gscore.base_url" in msg and "\n" not in msg
+    assert other_host.requests == []  # not followed: the key never left for the other host
+    assert "sk-secret-123" not in msg
+
+
+@pytest.mark.skipif(not HAVE_GENAI, reason="google-genai not installed (pip install 'gooddrag[gscore]')")
+def test_gemini_redirect_is_an_error_and_the_key_goes_nowhere_else(judge, other_host, keys, tmp_path):
+    keys.setenv("GEMINI_API_KEY", "g-secret-123")
+    judge.redirect_to = other_host.url
+    m = GScore(GScore.Params(base_url=judge.url, repeats=1, retries=0, replies_dir=str(tmp_path)))
+    with pytest.raises(GoodDragError, match="HTTP 302.*redirect"):
+        m.score(SAMPLE, result_image(), None)
+    assert other_host.requests == []
+
+
+def test_a_reply_or_error_echoing_the_key_is_redacted(judge, keys, tmp_path):
+    keys.setenv("OPENAI_API_KEY", "sk-secret-123")
+    judge.script = [(200, "7, and your key is sk-secret-123"), (503, "bad key sk-secret-123"), (200, "8")]
+    m = openai_metric(judge, tmp_path, repeats=2, retries=1)
+    row = m.score(SAMPLE, result_image(), None)
+    assert row["gscore"] == pytest.approx(7.5)
+    saved = (tmp_path / "replies" / "gscore_replies.jsonl").read_text()
+    assert "sk-secret-123" not in saved and "[redacted]" in saved
+    assert "sk-secret-123" not in json.dumps(m.replies)
+    judge.script = [(400, "key sk-secret-123 is not allowed here")]
+    with pytest.raises(GoodDragError) as exc:
+        m.score(SAMPLE, result_image(), None)
+    assert "sk-secret-123" not in str(exc.value) and "[redacted]" in str(exc.value)
+
+
+def test_recorded_base_url_has_no_credentials(keys, tmp_path):
+    from gooddrag.app.bench.results import build_summary, new_row, score_row
+
+    class Fixed(GScore):
+        def score(self, sample, result, final_points=None):
+            return {"gscore": 5.0, "gscore_std": 0.0, "gscore_n": 1.0, "gscore_failed": 0.0}
+
+    m = Fixed(GScore.Params(backend="openai", model="m", base_url="https://alice:pw-secret@judge.example/v1"))
+    row = new_row(SAMPLE)
+    score_row(row, [m], SAMPLE, result_image(), None, tmp_path / "scores.json", "k")
+    summary = build_summary([row], [m], command="score", dataset={}, config=None)
+    text = json.dumps(summary) + (tmp_path / "scores.json").read_text()
+    assert "pw-secret" not in text and "alice" not in text
+    assert summary["metrics"]["gscore"]["params"]["base_url"] == "https://judge.example/v1"
+
+
+def test_plain_http_to_a_remote_host_warns_once(keys, capsys, monkeypatch):
+    monkeypatch.setattr(gs_mod, "_warned_plain_http", set())
+    keys.setenv("OPENAI_API_KEY", "k")
+    GScore(GScore.Params(backend="openai", model="m", base_url="http://127.0.0.1:8000/v1")).check()
+    GScore(GScore.Params(backend="openai", model="m", base_url="https://judge.example/v1")).check()
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        GScore(GScore.Params(backend="openai", model="m", base_url="http://judge.example:8000/v1")).check()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: gscore sends the API key to judge.example over plain http://")

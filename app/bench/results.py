@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,7 +77,8 @@ def read_run_json(folder: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and "final_handles" in data else None
+    return data if (isinstance(data, dict) and "final_handles" in data
+                    and isinstance(data.get("config", {}), dict)) else None
 
 
 def error_line(exc: BaseException) -> str:
@@ -87,11 +89,15 @@ def error_line(exc: BaseException) -> str:
 
 
 def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
-    if not report:
+    """The final handles of all pairs in a run.json, or None when absent or not [[x, y], ...]."""
+    if not isinstance(report, dict):
         return None
-    bench = report.get("bench") or {}
+    bench = report.get("bench")
+    bench = bench if isinstance(bench, dict) else {}
     for pts in (bench.get("final_handles_all_pairs"), report.get("final_handles")):
-        if isinstance(pts, list) and len(pts) == n_pairs:
+        if (isinstance(pts, list) and len(pts) == n_pairs
+                and all(isinstance(p, list) and len(p) == 2
+                        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p) for p in pts)):
             return pts
     return None
 
@@ -105,7 +111,22 @@ def new_row(sample: Sample) -> dict[str, Any]:
 
 
 def _metric_sig(metric: Any) -> dict[str, Any]:
-    return {"name": metric.name, "params": _jsonable(params_to_dict(metric.params))}
+    """Name and parameters as recorded in summary.json and scores.json: URLs lose their
+    ``user:password@`` (a judge endpoint may carry credentials; they must not reach the results)."""
+    return {"name": metric.name, "params": _no_userinfo(_jsonable(params_to_dict(metric.params)))}
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+
+
+def _no_userinfo(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _USERINFO.sub(r"\1", obj)
+    if isinstance(obj, dict):
+        return {k: _no_userinfo(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_userinfo(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
@@ -135,7 +156,7 @@ def score_row(row: dict, metrics: Sequence[Any], sample: Sample, image: Image.Im
             values = metric.score(sample, image, final_points)
         except KeyboardInterrupt:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a metric's sys.exit() must not end the run silently
             errors.append(f"{metric.name}: {error_line(exc)}")
             continue
         values = {k: float(v) for k, v in values.items()}
@@ -179,6 +200,13 @@ def fmt_cell(v: Any, spec: str = ".8g", none: str = "") -> str:
     return str(v)
 
 
+def csv_text(v: Any) -> str:
+    """A text cell that a spreadsheet will not run: one starting with = + - @ (or a tab or CR) gets a
+    leading apostrophe (a sample id or error such as ``=HYPERLINK(...)`` would be a formula)."""
+    s = str(v)
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s
+
+
 def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = True) -> str:
     keys = metric_keys(rows, metrics)
     phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
@@ -190,7 +218,7 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
     w.writerow(header)
     for r in rows:
         t = r["timings"]
-        w.writerow([r["id"], r["group"], r["status"], r["error"], r["n_pairs"]]
+        w.writerow([csv_text(r["id"]), csv_text(r["group"]), r["status"], csv_text(r["error"]), r["n_pairs"]]
                    + [fmt_cell(r["scores"].get(m, {}).get(k)) for m, k in keys]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       fmt_cell(round(sum(t.values()), 4)) if t else ""]
@@ -215,6 +243,7 @@ def _counts(rows: Sequence[dict]) -> dict[str, int]:
     c["total"] = len(rows)
     c["skipped"] = sum(bool(r["resumed"]) for r in rows)
     c["edited"] = sum(bool(r.get("edited")) for r in rows)
+    c["malformed"] = sum(bool(r.get("malformed")) for r in rows)
     return c
 
 
@@ -250,7 +279,8 @@ def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
 
 def counts_line(summary: dict) -> str:
     c = summary["counts"]
-    line = f"{c['ok']} ok, {c['failed']} failed, {c['missing']} missing of {c['total']} samples"
+    failed = f"{c['failed']} failed" + (f" ({c['malformed']} malformed)" if c.get("malformed") else "")
+    line = f"{c['ok']} ok, {failed}, {c['missing']} missing of {c['total']} samples"
     if summary.get("command") == "bench":
         line += f" (edited now {c['edited']}, resumed {c['skipped']})"
     return line

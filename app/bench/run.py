@@ -7,6 +7,11 @@ Bench layout of ``--out DIR``::
     DIR/samples/<sample id>/scores.json                        cached scores of that edit
     DIR/results.csv, summary.json, report.md, plot_*.png
 
+Lock: a run holds ``DIR/.lock`` (``fcntl.flock``) for its whole life: exclusively, or shared by the
+shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively. A second run
+on the same samples stops at once with one line naming the holder's process id, instead of deleting
+the first one's staging folders and overwriting its tables.
+
 Resume rule: a sample whose ``run.json`` is complete (valid JSON with ``final_handles``, next to its
 ``result.png``) is not edited again unless ``--force``; a failed or missing one is (re)tried.
 ``results.csv`` and ``summary.json`` are rewritten atomically after every sample, so an interrupted
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ from gooddrag.core.config import DEFAULT_MODEL
 from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
-from gooddrag.core.samples import Sample
+from gooddrag.core.samples import MalformedSample, Sample
 from gooddrag.app.bench.report import write_report
 from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, error_line, final_points, hash_file, metric_keys,
                                         new_row, read_run_json, sample_dir, score_row, write_tables)
@@ -214,9 +220,68 @@ class _Progress:
             self.bar = None
 
 
+def _holders(paths: Iterable[Path]) -> list[str]:
+    """Live process ids written in these lock files (a shared holder writes none: a full run
+    blocked by shards finds them in the shards' files)."""
+    pids: list[str] = []
+    for f in paths:
+        try:
+            pid = int(f.read_text().strip() or 0)
+            if pid > 0:
+                os.kill(pid, 0)  # raises ProcessLookupError when it is gone
+        except PermissionError:  # alive, another user's
+            pass
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and str(pid) not in pids:
+            pids.append(str(pid))
+    return pids
+
+
+def lock_out(out: Path, shard: tuple[int, int] | None, held: list) -> None:
+    """Take the bench lock of ``out`` (see the module docstring); the open files go to ``held``
+    (closing them releases the lock). Raises a one-line error naming the holder's process id."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: no lock
+        return
+    names = [(".lock", fcntl.LOCK_EX if shard is None else fcntl.LOCK_SH)]
+    if shard is not None:
+        names.append((f".lock-shard-{shard[0]}-of-{shard[1]}", fcntl.LOCK_EX))
+    start = len(held)
+    for name, mode in names:
+        fh = open(out / name, "a+")
+        try:
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            while len(held) > start:  # what this call took so far
+                held.pop().close()
+            pids = _holders(sorted(out.glob(".lock*")) if name == ".lock" else [out / name])
+            who = f"process {', '.join(pids)}" if pids else "another process"
+            raise BadInputError(f"--out {str(out)!r} is in use by another gooddrag bench ({who}); wait for it to "
+                                "finish, or use another --out") from None
+        held.append(fh)
+        if mode == fcntl.LOCK_EX:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+
+
 def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: Iterable[Any] = (),
               log: Log = _stderr, tty: bool | None = None) -> dict:
     """Validate everything, then edit and score the selected samples. Returns the summary dict."""
+    held: list = []
+    try:
+        return _run_bench(opts, held, registry=registry, plugins=plugins, log=log, tty=tty)
+    finally:
+        for fh in held:
+            fh.close()
+
+
+def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plugins: Iterable[Any],
+               log: Log, tty: bool | None) -> dict:
     from gooddrag.core.config import resolve_config
 
     reg = registry or default_registry()
@@ -238,6 +303,8 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {str(out)!r} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock_out(out, shard, held)
     root = out / "samples"
     want = cfg.to_dict()
     rows = {s.id: new_row(s) for s in samples}
@@ -245,6 +312,10 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
     pending: list[Sample] = []
     done_reports: dict[str, dict] = {}
     for s in samples:
+        if isinstance(s, MalformedSample):
+            rows[s.id].update(status="failed", error=s.error, malformed=True)
+            log(f"malformed, recorded as failed: {s.error}")
+            continue
         folder = sample_dir(root, s.id)
         report = None if opts.force else read_run_json(folder)
         if report is None:
@@ -273,9 +344,9 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
     for sid, report in done_reports.items():
         row, folder = rows[sid], sample_dir(root, sid)
         clear_partials(folder)  # staging left by a process killed after this sample was finished
-        _fill_from_report(row, report, by_id[sid])
         row["resumed"], row["result_path"] = True, folder / "result.png"
         try:
+            _fill_from_report(row, report, by_id[sid], folder / "run.json")
             image = _load_result(folder / "result.png")
             score_row(row, metrics, by_id[sid], image, row["final_handles"], folder / "scores.json",
                       hash_file(folder / "run.json"))
@@ -340,18 +411,24 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
 
 
 def _load_result(path: Path) -> Image.Image:
+    """A result image, decoded like every input (regular file, size limit, 16-bit, orientation)."""
+    from gooddrag.core.inputs import open_image
+
+    return open_image(path, "result").convert("RGB")
+
+
+def _fill_from_report(row: dict, report: dict, sample: Sample, path: Path | None = None) -> None:
+    """Final handles and timings from an edit's run.json; a field of the wrong type is an error
+    naming the file (a hand-edited or foreign run.json must not crash the whole run)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except OSError as exc:
-        raise BadInputError(f"{path} is not a readable image ({type(exc).__name__})") from None
-
-
-def _fill_from_report(row: dict, report: dict, sample: Sample) -> None:
-    row["final_handles"] = final_points(report, len(sample.pairs))
-    t = report.get("timings_s") or {}
-    row["timings"] = {k: float(v) for k, v in t.items() if isinstance(v, (int, float))}
+        row["final_handles"] = final_points(report, len(sample.pairs))
+        t = report.get("timings_s") or {}
+        row["timings"] = {str(k): float(v) for k, v in t.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    except (AttributeError, TypeError, ValueError) as exc:
+        row["final_handles"], row["timings"] = None, {}
+        raise BadInputError(f"{path or 'run.json'} has a field of the wrong type ({type(exc).__name__}); "
+                            "delete it to edit the sample again") from None
 
 
 def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plugins: list, dataset_name: str) -> dict:
@@ -383,7 +460,7 @@ def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plu
         return {"sample": sample, "error": None, "image": res.image, "report": res.report}
     except KeyboardInterrupt:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the bench silently
         return {"sample": sample, "error": error_line(exc), "image": None, "report": None}
 
 
@@ -425,21 +502,25 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     rows = [new_row(s) for s in samples]
     config = None
     for s, row in zip(samples, rows):
+        if isinstance(s, MalformedSample):
+            row.update(status="failed", error=s.error, malformed=True)
+            continue
         path = find_result(results_dir, s.id)
         if path is None:
             continue
         row["result_path"] = path
-        report = None
-        if path.name in RESULT_NAMES and (path.parent / "run.json").is_file():
-            with contextlib.suppress(OSError, ValueError):
-                report = json.loads((path.parent / "run.json").read_text())
-            if isinstance(report, dict):
-                _fill_from_report(row, report, s)
-                config = config or report.get("config")
         try:
+            report = None
+            if path.name in RESULT_NAMES and (path.parent / "run.json").is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    report = json.loads((path.parent / "run.json").read_text())
+                if isinstance(report, dict):
+                    _fill_from_report(row, report, s, path.parent / "run.json")
+                    cfg = report.get("config")
+                    config = config or (cfg if isinstance(cfg, dict) else None)
             image = _load_result(path)
-        except BadInputError as exc:
-            row["status"], row["error"] = "failed", error_line(exc)
+        except GoodDragError as exc:
+            row["status"], row["error"] = "failed", f"sample {s.id!r}: {error_line(exc)}"
             continue
         score_row(row, mets, s, image, row["final_handles"])
     found = sum(r["status"] != "missing" for r in rows)

@@ -1,22 +1,66 @@
 """The per-image LoRA (SPEC 3) of a Stable Diffusion backbone: trained once per image on random
-crops, cached on disk by everything that changes it, and fused into the UNet for editing."""
+crops, cached on disk by everything that changes it, and fused into the UNet for editing.
+
+A cache entry is written with the SHA-256 of its weights; an entry that is truncated, empty,
+bit-flipped or without a checksum is retrained and replaced (with a warning) instead of failing
+every later run, and a cache that cannot be written is found before training: the LoRA is then
+trained for this edit only, with a warning."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gooddrag.core.errors import BadInputError
+from gooddrag.core.errors import BadInputError, GoodDragWarning
 
 LORA_ADAPTER = "gooddrag"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CHECKSUM_NAME = "weights.sha256"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why the cache entry ``folder`` cannot be trusted, or None when its weights match the checksum
+    written with them."""
+    weights, checksum = folder / WEIGHTS_NAME, folder / CHECKSUM_NAME
+    try:
+        if not weights.is_file() or weights.stat().st_size == 0:
+            return "its weights file is missing or empty"
+        if not checksum.is_file():
+            return "it has no checksum (written by an older version or cut short)"
+        want = (checksum.read_text().split() or [""])[0]
+        if _sha256(weights) != want:
+            return "its weights do not match their checksum (truncated or corrupted)"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def cache_unwritable(root: Path) -> str | None:
+    """Why nothing can be cached under ``root`` (checked before training, not after), or None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=root, prefix=".write-test-"))
+    except OSError as exc:
+        return f"{root} is not a writable folder ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def cache_root() -> Path:
@@ -50,15 +94,37 @@ class PerImageLora:
             status = f"loaded {mode}"
         else:
             folder = cache_root() / "lora" / self.key(image, params)
-            if (folder / "pytorch_lora_weights.safetensors").exists():
-                self.load(folder)
-                status = f"cached {folder}"
-            else:
+            status = ""
+            if folder.exists():
+                problem = cache_problem(folder)
+                if problem is None:
+                    try:
+                        self.load(folder)
+                        status = f"cached {folder}"
+                    except Exception as exc:  # passed the checksum but cannot be loaded
+                        self.drop()
+                        problem = f"it cannot be loaded ({type(exc).__name__})"
+                if problem:
+                    warnings.warn(f"cached LoRA {folder} is damaged: {problem}; retraining and replacing it",
+                                  GoodDragWarning, stacklevel=2)
+                    shutil.rmtree(folder, ignore_errors=True)
+            if not status:
+                unwritable = cache_unwritable(folder.parent)
+                if unwritable:
+                    warnings.warn(f"the LoRA cache {unwritable}: the LoRA is trained for this edit but not "
+                                  "cached; set GOODDRAG_CACHE to a writable folder", GoodDragWarning, stacklevel=2)
                 if on_train:
                     on_train()
                 self.train(image, params)
-                self.save(folder)
-                status = f"trained {folder}"
+                status = "trained (not cached)"
+                if not unwritable:
+                    try:
+                        self.save(folder)
+                        status = f"trained {folder}"
+                    except OSError as exc:
+                        warnings.warn(f"the trained LoRA could not be cached in {folder} "
+                                      f"({exc.strerror or type(exc).__name__}); it is used for this edit only",
+                                      GoodDragWarning, stacklevel=2)
         if params.fuse:
             # unfusing subtracts the update again, which is not exact in floating point: keep the
             # original weights (on the host, once per edit) so dropping the LoRA restores them bit for bit
@@ -88,7 +154,12 @@ class PerImageLora:
     def load(self, path: Path) -> None:
         if not path.exists():
             raise BadInputError(f"--lora {path}: no such file or folder; pass a LoRA saved by gooddrag/diffusers, auto or off")
-        self.pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+        except (OSError, ValueError, RuntimeError) as exc:  # truncated or foreign file
+            self.drop()
+            raise BadInputError(f"--lora {path} cannot be loaded ({type(exc).__name__}); "
+                                "pass a LoRA saved by gooddrag/diffusers, auto or off") from None
         self.unet.requires_grad_(False)
 
     def save(self, folder: Path) -> None:
@@ -98,12 +169,15 @@ class PerImageLora:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER))
-        type(self.pipe).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+        try:
+            type(self.pipe).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+            (tmp / CHECKSUM_NAME).write_text(f"{_sha256(tmp / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, folder)
         except OSError:  # another process cached it first
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
     def train(self, image: torch.Tensor, params: Any) -> None:

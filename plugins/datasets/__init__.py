@@ -2,19 +2,35 @@
 
 A dataset class has ``name``, a docstring, a frozen ``Params``, ``detect(folder) -> bool`` and
 ``samples(folder)`` yielding :class:`gooddrag.core.samples.Sample` sorted by id. A malformed sample
-raises :class:`BadInputError` naming it.
+is yielded as a :class:`gooddrag.core.samples.MalformedSample` with its reason (see :func:`guarded`),
+so one bad file does not stop a whole benchmark; ``load`` raises :class:`BadInputError` naming it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gooddrag.core.errors import BadInputError
-from gooddrag.core.inputs import Pair
+from gooddrag.core.inputs import Pair, open_image, point_list, read_small_file
+from gooddrag.core.samples import MalformedSample, Sample
+
+
+def guarded(sample_id: str, group: str, folder: Path, load: Any) -> Sample | MalformedSample:
+    """``load()``, or the reason it failed as a MalformedSample (any error: a reader's bug on a
+    hostile file must not stop the benchmark either)."""
+    try:
+        return load()
+    except BadInputError as exc:
+        return MalformedSample(id=sample_id, group=group, error=str(exc), path=folder)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return MalformedSample(id=sample_id, group=group, path=folder,
+                               error=f"sample {sample_id!r}: unexpected {type(exc).__name__}" + (f": {msg}" if msg else ""))
 
 
 def bad(sample_id: str, message: str) -> BadInputError:
@@ -23,23 +39,21 @@ def bad(sample_id: str, message: str) -> BadInputError:
 
 
 def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
-    """Open an image fully (no lazy reads later) and convert it to ``mode``."""
+    """Open an image fully (no lazy reads later), as displayed (see ``open_image``), in ``mode``."""
+    if not path.exists():
+        raise bad(sample_id, f"{path.name} is missing ({path})")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise bad(sample_id, f"{path.name} is missing ({path})") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise bad(sample_id, f"{path.name} is not a readable image ({type(exc).__name__})") from None
+        return open_image(path, path.name).convert(mode)
+    except BadInputError as exc:
+        raise bad(sample_id, str(exc)) from None
 
 
 def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]:
     """``[[x, y], ...]`` alternating handle, target -> pairs of float tuples, checked."""
     try:
-        coords = [(float(x), float(y)) for x, y in points]
-    except (TypeError, ValueError):
-        raise bad(sample_id, f"{where}: points are not a list of [x, y]") from None
+        coords = point_list(points)
+    except ValueError as exc:
+        raise bad(sample_id, f"{where}: {exc}") from None
     if not coords:
         raise bad(sample_id, f"{where}: no points")
     if len(coords) % 2:
@@ -47,6 +61,33 @@ def pairs_from_flat(points: Any, sample_id: str, where: str) -> tuple[Pair, ...]
     if not all(np.isfinite(c).all() for c in coords):
         raise bad(sample_id, f"{where}: a point is not finite")
     return tuple((coords[i], coords[i + 1]) for i in range(0, len(coords), 2))
+
+
+def read_json(path: Path, sample_id: str, limit: int = 1 << 20) -> Any:
+    """A small JSON file of a sample (regular files only: a FIFO or /dev/zero named points.json
+    would hang or fill memory)."""
+    if not path.exists():
+        raise bad(sample_id, f"{path.name} is missing ({path})")
+    try:
+        return json.loads(read_small_file(path, path.name, limit))
+    except BadInputError as exc:
+        raise bad(sample_id, str(exc)) from None
+    except (ValueError, RecursionError):
+        raise bad(sample_id, f"{path.name} is not valid JSON") from None
+
+
+def sample_file(folder: Path, name: Any, sample_id: str, what: str) -> Path:
+    """``folder / name`` for a file name read from a sample's metadata: a relative path that stays
+    inside the sample folder (an absolute or ``..`` path would read any file on the machine)."""
+    if not isinstance(name, str) or not name:
+        raise bad(sample_id, f"{what} is {name!r}, not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise bad(sample_id, f"{what} {name!r} is outside the sample folder; give a name relative to it")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise bad(sample_id, f"{what} {name!r} leads outside the sample folder")
+    return path
 
 
 def check_pairs(pairs: Sequence[Pair], size: tuple[int, int], sample_id: str) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.samples import Sample
-from gooddrag.plugins.datasets import bad, check_mask, check_pairs, pairs_from_flat, read_image, subfolders
+from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, guarded, pairs_from_flat, read_image,
+                                       read_json, subfolders)
 
 IMAGE_NAMES = ("original.jpg", "original.png", "original.jpeg")
 MARKERS = IMAGE_NAMES + ("points.json", "mask.png")
@@ -90,19 +91,15 @@ class Drag100:
                 continue  # not a sample folder
             if index is None:
                 index = _index_groups(folder)
-            yield self.load(d, index)
+            yield guarded(d.name, GROUPS.get(content_class(d.name)) or index.get(d.name) or "other", d,
+                          lambda: self.load(d, index))
 
     @staticmethod
     def load(d: Path, index: dict[str, str] | None = None) -> Sample:
         sid = d.name
         image_path = next((d / n for n in IMAGE_NAMES if (d / n).is_file()), d / IMAGE_NAMES[0])
         image = read_image(image_path, sid)
-        try:
-            data = json.loads((d / "points.json").read_text())
-        except FileNotFoundError:
-            raise bad(sid, f"points.json is missing ({d / 'points.json'})") from None
-        except (OSError, ValueError):
-            raise bad(sid, "points.json is not valid JSON") from None
+        data = read_json(d / "points.json", sid)
         flat = data.get("points") if isinstance(data, dict) else None
         if flat is None:
             raise bad(sid, 'points.json has no "points" list ({"points": [[x, y], ...]})')

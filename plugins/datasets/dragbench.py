@@ -10,16 +10,17 @@ when ``meta_data.pkl`` is absent. The sample id is ``<category>/<sample>``, the 
 
 The pickle is never unpickled with the standard machinery. :class:`SafeUnpickler` resolves only the
 numpy globals an ndarray pickle needs (``_reconstruct``/``ndarray``/``dtype`` for protocols <= 4,
-``_frombuffer``/``dtype`` for protocol 5) and maps them onto inert stand-ins that only record their
-arguments: no numpy code runs while unpickling, and any other global (``os.system``, ...) is
-refused. The stand-ins are turned into arrays afterwards with ``np.frombuffer`` for plain numeric
-dtypes only.
+``_frombuffer``/``dtype`` for protocol 5, and ``_codecs.encode`` with latin-1, which protocols 0-2
+use for bytes) and maps them onto inert stand-ins that only record their arguments: no numpy code
+runs while unpickling, and any other global (``os.system``, ...) is refused. The stand-ins are
+turned into arrays afterwards with ``np.frombuffer`` for plain numeric dtypes only. Sizes are
+bounded before anything is allocated: the file is at most ``MAX_PICKLE_BYTES`` and array data must
+be bytes taken from it (a size the pickle merely names is refused).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import pickle
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,13 +28,18 @@ from typing import Any, Iterator
 import attrs
 import numpy as np
 
+from gooddrag.core.errors import BadInputError
 from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.inputs import read_small_file
 from gooddrag.core.samples import Sample
-from gooddrag.plugins.datasets import bad, check_mask, check_pairs, pairs_from_flat, read_image, subfolders
+from gooddrag.plugins.datasets import (bad, check_mask, check_pairs, guarded, pairs_from_flat, read_image,
+                                       read_json, sample_file, subfolders)
 
 IMAGE_NAME = "original_image.png"
 PICKLE_NAME = "meta_data.pkl"
 JSON_NAME = "meta_data.json"
+#: a DragBench meta_data.pkl holds a mask and a few points (< 1 MB at 512 px); refuse far larger
+MAX_PICKLE_BYTES = 64 << 20
 
 #: numeric dtype codes accepted in a pickled array (no object arrays)
 _DTYPES = {"b1", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"}
@@ -79,7 +85,10 @@ class _Array:
             raise ValueError("array without a dtype")
         if not isinstance(self.data, (bytes, bytearray)):
             raise ValueError("array data is not raw bytes")
-        shape = tuple(int(s) for s in self.shape)
+        if not isinstance(self.shape, (tuple, list)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s for s in self.shape):
+            raise ValueError(f"array shape {self.shape!r} is not a tuple of sizes")
+        shape = tuple(self.shape)
         flat = np.frombuffer(bytes(self.data), dtype=self.dtype.to_numpy())
         if flat.size != int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"array data does not match its shape {shape}")
@@ -93,10 +102,20 @@ def _reconstruct(cls: Any, shape: Any = (0,), typecode: Any = b"b") -> _Array:
 
 
 def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> _Array:
+    # only bytes that are in the file: bytes(n) of an int n would allocate n bytes the pickle chose
+    if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
+        raise pickle.UnpicklingError(f"array buffer is a {type(buf).__name__}, not bytes")
     arr = _Array()
     arr.shape, arr.dtype, arr.fortran = shape, dtype, order == "F"
     arr.data = bytes(buf.raw() if isinstance(buf, pickle.PickleBuffer) else buf)
     return arr
+
+
+def _latin1(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode(str, 'latin1')``: how protocols 0-2 pickle bytes (the array data)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for latin-1 text")
+    return text.encode("latin-1")
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -106,6 +125,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): _NDArrayType,
     ("numpy", "dtype"): _DType,
+    ("_codecs", "encode"): _latin1,
 }
 
 
@@ -144,11 +164,13 @@ def safe_load_pickle(data: bytes) -> Any:
 
 def read_meta_pickle(path: Path, sample_id: str) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise bad(sample_id, f"cannot read {path.name} ({type(exc).__name__})") from None
+        data = read_small_file(path, path.name, MAX_PICKLE_BYTES)
+    except BadInputError as exc:
+        raise bad(sample_id, str(exc)) from None
     try:
         meta = safe_load_pickle(data)
+    except RecursionError:
+        raise bad(sample_id, f"{path.name} is refused: nested too deeply") from None
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError,
             MemoryError, OverflowError) as exc:
         raise bad(sample_id, f"{path.name} is refused: {exc or type(exc).__name__}") from None
@@ -186,7 +208,7 @@ class DragBench:
         for cat in subfolders(folder):
             for d in subfolders(cat):
                 if any((d / n).exists() for n in (IMAGE_NAME, PICKLE_NAME, JSON_NAME)):
-                    yield self.load(d, cat.name)
+                    yield guarded(f"{cat.name}/{d.name}", cat.name, d, lambda: self.load(d, cat.name))
 
     @staticmethod
     def load(d: Path, category: str) -> Sample:
@@ -203,15 +225,16 @@ class DragBench:
                 raise bad(sid, f"{where}: mask is not an array")
         elif (d / JSON_NAME).is_file():
             where = JSON_NAME
+            meta = read_json(d / JSON_NAME, sid)
             try:
-                meta = json.loads((d / JSON_NAME).read_text())
                 flat = [c for h, t in zip(meta["handle_points"], meta["target_points"]) for c in (h, t)]
                 if len(meta["handle_points"]) != len(meta["target_points"]):
                     raise ValueError
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 raise bad(sid, f"{where} is not valid (handle_points, target_points, prompt)") from None
             pairs = pairs_from_flat(flat, sid, where)
-            mask_arr = np.asarray(read_image(d / meta.get("mask_file", "mask.png"), sid, mode="L")) > 127
+            mask_path = sample_file(d, meta.get("mask_file", "mask.png"), sid, f"{where} mask_file")
+            mask_arr = np.asarray(read_image(mask_path, sid, mode="L")) > 127
         else:
             raise bad(sid, f"{PICKLE_NAME} is missing ({d / PICKLE_NAME})")
         prompt = meta.get("prompt", "")

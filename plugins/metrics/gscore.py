@@ -15,6 +15,10 @@ Every request is saved: the raw reply text (and the response JSON) goes to
 ``<replies_dir>/gscore_replies.jsonl`` (one JSON object per request, appended as it arrives) and is
 kept in memory in ``GScore.replies[sample_id]``. A reply without a rating in 1-10 counts as a
 failure (``gscore_failed``), never as a zero.
+
+Credentials: a redirect is never followed (it would carry the key to whatever host it names; it is a
+one-line error instead), the key is replaced by ``[redacted]`` wherever a reply or an error echoes
+it, and a key sent to a plain ``http://`` host other than localhost is warned about once.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import math
 import os
 import re
 import time
+import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +115,26 @@ class _Transient(Exception):
     """A request failed in a way worth retrying (timeout, connection, HTTP 429/5xx)."""
 
 
+REDACTED = "[redacted]"
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_warned_plain_http: set[str] = set()
+
+
+def strip_userinfo(url: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://host/...``: a URL fit to record or print."""
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", url)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would resend the Authorization header to the host it names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _first_line(text: Any, limit: int = 200) -> str:
     s = str(text).strip().splitlines()
     return s[0][:limit] if s else ""
@@ -166,6 +192,38 @@ class GScore:
                 return os.environ[env].strip()
         return ""
 
+    def _scrub(self, obj: Any) -> Any:
+        """``obj`` (text, or JSON-like data) with the API key replaced: a judge may echo it back."""
+        key = self._key()
+        if isinstance(obj, str):
+            return strip_userinfo(obj.replace(key, REDACTED) if key else obj)
+        if isinstance(obj, dict):
+            return {k: self._scrub(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self._scrub(v) for v in obj]
+        return obj
+
+    def _endpoint(self) -> str:
+        """The configured endpoint, printable (no user:password)."""
+        url = self.params.base_url or (DEFAULT_OPENAI_URL if self.params.backend == "openai" else "")
+        return strip_userinfo(url)
+
+    def _redirect(self, code: int, location: str) -> None:
+        raise GoodDragError(f"gscore: the judge at {self._endpoint()} answered HTTP {code}, a redirect to "
+                            f"{strip_userinfo(location) or '(no location)'}, which is not followed (it would carry "
+                            "the API key there); set --metric-param gscore.base_url to the final URL")
+
+    def _warn_plain_http(self) -> None:
+        url = self.params.base_url
+        if not url.lower().startswith("http://"):
+            return
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        if host in _LOCAL_HOSTS or host in _warned_plain_http:
+            return
+        _warned_plain_http.add(host)
+        print(f"warning: gscore sends the API key to {host} over plain http:// (readable on the network); "
+              "use https:// for a remote judge", file=sys.stderr, flush=True)
+
     def replies_path(self) -> Path:
         if self.params.replies_dir:
             root = Path(self.params.replies_dir).expanduser()
@@ -188,12 +246,14 @@ class GScore:
                 raise RequirementError("gscore: the openai backend needs the judge model: --metric-param gscore.model=NAME")
             url = prm.base_url or DEFAULT_OPENAI_URL
             if not url.startswith(("http://", "https://")):
-                raise RequirementError(f"gscore.base_url={url!r} must be an http(s) URL such as http://host:port/v1")
+                raise RequirementError(f"gscore.base_url={strip_userinfo(url)!r} must be an http(s) URL such as "
+                                       "http://host:port/v1")
         if not self._key():
             envs = " or ".join(self._key_envs())
             extra = " (any non-empty value for a server without authentication)" if prm.backend == "openai" else ""
             raise RequirementError(f"gscore: no API key for the {prm.backend} backend: set {envs}{extra}, "
                                    "or name another variable with --metric-param gscore.api_key_env=VAR")
+        self._warn_plain_http()
 
     # --- backends -------------------------------------------------------------------------------
 
@@ -208,6 +268,8 @@ class GScore:
                 opts["base_url"] = self.params.base_url
             if "retry_options" in types.HttpOptions.model_fields:  # retries are ours
                 opts["retry_options"] = types.HttpRetryOptions(attempts=1)
+            if "client_args" in types.HttpOptions.model_fields:  # the SDK follows redirects, key included
+                opts["client_args"] = {"follow_redirects": False}
             self._client = genai.Client(api_key=self._key(), http_options=types.HttpOptions(**opts))
         cfg: dict[str, Any] = {"max_output_tokens": self.params.max_tokens}
         if self.params.temperature is not None:
@@ -220,11 +282,14 @@ class GScore:
             )
         except gerrors.APIError as exc:
             code = int(getattr(exc, "code", 0) or 0)
+            if 300 <= code < 400:
+                resp_obj = getattr(exc, "response", None)
+                self._redirect(code, str(getattr(resp_obj, "headers", {}).get("location", "")))
             if code in RETRY_STATUS:
-                raise _Transient(f"HTTP {code}: {_first_line(getattr(exc, 'message', '') or exc)}") from exc
+                raise _Transient(self._scrub(f"HTTP {code}: {_first_line(getattr(exc, 'message', '') or exc)}")) from exc
             self._refuse(code, getattr(exc, "message", "") or str(exc))
         except Exception as exc:  # transport: timeouts, connection refused, DNS
-            raise _Transient(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise _Transient(self._scrub(f"{type(exc).__name__}: {_first_line(exc)}")) from exc
         raw = resp.model_dump(mode="json", exclude_none=True, exclude={"sdk_http_response"})
         try:
             text = resp.text
@@ -248,15 +313,17 @@ class GScore:
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self._key()}"})
         try:
-            with urllib.request.urlopen(req, timeout=self.params.timeout) as resp:
+            with _OPENER.open(req, timeout=self.params.timeout) as resp:
                 raw = json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                self._redirect(exc.code, exc.headers.get("Location", ""))
             detail = _error_detail(exc.read().decode("utf-8", "replace"))
             if exc.code in RETRY_STATUS:
-                raise _Transient(f"HTTP {exc.code}: {_first_line(detail)}") from exc
+                raise _Transient(self._scrub(f"HTTP {exc.code}: {_first_line(detail)}")) from exc
             self._refuse(exc.code, detail)
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {_first_line(getattr(exc, 'reason', exc))}") from exc
+            raise _Transient(self._scrub(f"{type(exc).__name__}: {_first_line(getattr(exc, 'reason', exc))}")) from exc
         try:
             content = raw["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -266,6 +333,7 @@ class GScore:
         return (content if isinstance(content, str) else ""), raw
 
     def _refuse(self, code: int, detail: Any) -> None:
+        detail = self._scrub(str(detail))
         where = f"the {self.params.backend} API ({self.model})"
         if code in (401, 403):
             raise RequirementError(f"gscore: {where} refused the key from {' or '.join(self._key_envs())} "
@@ -310,6 +378,7 @@ class GScore:
             }
             try:
                 text, raw, attempts = self._ask(image_png)
+                text, raw = self._scrub(text), self._scrub(raw)
             except _Transient as exc:
                 transport_errors += 1
                 rec.update(reply=None, score=None, error=str(exc), attempts=self.params.retries + 1)

@@ -14,6 +14,11 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
+from gooddrag.core.errors import BadInputError
+
+#: what :func:`write_result_files` writes
+RESULT_FILES = ("result.png", "points.png", "run.json")
+
 
 def to_pil(x: Any) -> Image.Image:
     """(1, 3, H, W) in [0, 1] -> PIL."""
@@ -47,6 +52,33 @@ def points_figure(original: Image.Image, result: Image.Image, report: dict) -> I
     return fig
 
 
+def check_output_set(out_dir: Path, names: Any, inputs: dict[str, Any]) -> None:
+    """Refuse, before any model loads, an ``--out`` that is a file, that cannot be written, or where
+    one of the output ``names`` would replace one of the ``inputs`` ({what: path or None}): the
+    outputs are moved into place by rename, which would silently destroy that input."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {str(out)!r} is a file; give a folder (result.png, points.png and run.json go there)")
+    if out.is_dir():
+        for what, src in inputs.items():
+            if src is None:
+                continue
+            src = Path(src)
+            if src.name in names and src.parent.exists() and os.path.samefile(src.parent, out):
+                raise BadInputError(f"--out {str(out)!r} would replace the input {what} {str(src)!r} with the "
+                                    f"output {src.name}; choose another --out folder")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInputError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder; give a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-test-"))
+    except OSError as exc:
+        raise BadInputError(f"--out {str(out)!r} is not writable ({str(probe)!r}: {exc.strerror or type(exc).__name__}); "
+                            "give a folder you can write to") from None
+
+
 @contextlib.contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
     """A hidden temporary folder inside ``out_dir``; on success its files replace those in
@@ -54,7 +86,7 @@ def staging(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".partial-{os.getpid()}-"))
     try:
         yield tmp
     except BaseException:
@@ -69,9 +101,23 @@ def staging(out_dir: Path) -> Iterator[Path]:
 
 
 def clear_partials(out_dir: Path) -> None:
-    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up."""
+    """Remove staging folders that a killed process (SIGKILL, power loss) could not clean up; one
+    whose process (named in it) is still running is another edit's, and is left alone."""
     for stale in Path(out_dir).glob(".partial-*"):
+        pid = stale.name.split("-")[1] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 def write_result_files(tmp: Path, original: Image.Image, result: Any) -> None:
