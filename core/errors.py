@@ -23,3 +23,8 @@ class ModelNotFoundError(GoodDragError):
 
 class RequirementError(GoodDragError):
     """An optional dependency, weight file or API key that a component needs is missing."""
+
+
+class RunnerError(GoodDragError):
+    """A bench runner cannot start or keep its workers (cluster unreachable, too few resources, every
+    worker died)."""
