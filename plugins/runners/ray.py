@@ -167,11 +167,11 @@ class RayRunner:
             n, gpw, cpw = self._plan(ray, len(queue))
             actor_cls = ray.remote(num_gpus=gpw, num_cpus=cpw, max_restarts=self.params.max_restarts,
                                    max_task_retries=self.params.max_retries)(_Actor)
-            factory = ray.put(make_worker)  # shipped once, built in every actor
             inflight: dict[Any, str] = {}
             for i in range(n):
                 name = f"w{i}"
-                slots[name] = _Slot(actor_cls.remote(factory))
+                # passed by value (it is small): a restarted actor must not depend on an object-store copy
+                slots[name] = _Slot(actor_cls.remote(make_worker))
                 inflight[slots[name].handle.setup.remote()] = name
             t0, any_ready = time.monotonic(), False
 
