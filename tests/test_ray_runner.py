@@ -259,6 +259,35 @@ def test_without_ray_the_ray_runner_names_the_extra_before_any_model_loads(d4, t
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
     assert run_cli(["bench", d4, "--out", tmp_path / "out", *FAST, "--runner", "ray"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: --runner ray needs Ray")
+    assert err.count("\n") == 1 and err.startswith("error: --runner ray needs Ray, which cannot be imported")
     assert "pip install 'gooddrag[ray]'" in err
     assert not (tmp_path / "out").exists()
+
+
+class _FakeRay:
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+def test_ray_runner_is_registered_and_plans_one_actor_per_gpu_or_cpu_slot():
+    from gooddrag.core.errors import RunnerError
+    from gooddrag.core.registry import default_registry
+    from gooddrag.plugins.runners.ray import RayRunner
+    from gooddrag.testing import check_component
+
+    check_component("runner", RayRunner)
+    assert default_registry().get("runner", "ray") is RayRunner
+    plan = lambda n_jobs, **kw: RayRunner(RayRunner.Params(**kw))._plan(_FakeRay(**cluster), n_jobs)  # noqa: E731
+    cluster = {"CPU": 64.0, "GPU": 8.0}
+    assert plan(100) == (8, 1.0, 1.0)  # one actor per GPU
+    assert plan(3) == (3, 1.0, 1.0)  # never more actors than samples
+    assert plan(100, gpus_per_worker=2.0) == (4, 2.0, 1.0)
+    assert plan(100, workers=5) == (5, 1.0, 1.0)
+    cluster = {"CPU": 6.0}
+    assert plan(100) == (6, 0.0, 1.0)  # no GPU: one actor per CPU slot
+    assert plan(100, cpus_per_worker=4.0) == (1, 0.0, 4.0)
+    with pytest.raises(RunnerError, match="too few for one worker of 1 GPUs"):
+        plan(100, gpus_per_worker=1.0)

@@ -122,7 +122,9 @@ def _placement_lines(rows: list[dict], summary: dict) -> list[str]:
         busy = sum(sum(r["timings"].values()) for r in rs if r["timings"])
         rate = len(rs) / busy * 3600 if busy else None
         md.append(f"| {worker} | {node} | {device} | {len(rs)} | {md_num(busy)} | {md_num(rate)} |")
-    md += ["", "Worker `-`: edited by an earlier run (resumed).", "", "### Where each sample was edited", "",
+    if any(not r["placement"].get("worker") for r in placed):
+        md += ["", "Worker `-`: edited by an earlier run (resumed)."]
+    md += ["", "### Where each sample was edited", "",
            "| sample | worker | node | device |", "| --- | --- | --- | --- |"]
     for r in placed:
         p = r["placement"]

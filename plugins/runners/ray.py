@@ -50,7 +50,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise RequirementError(f"--runner ray needs Ray, which is not installed ({type(exc).__name__}); "
+        raise RequirementError(f"--runner ray needs Ray, which cannot be imported ({_line(exc)}); "
                                f"install the extra: {EXTRA}") from None
     return ray
 
