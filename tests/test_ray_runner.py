@@ -38,7 +38,8 @@ SIZES = {"cat_0": (48, 8), "dog_1": (40, 8), "car_2": (48, 12), "owl_3": (40, 12
 #: the tests marked in_netns: the inner run runs exactly these, and all must pass
 INNER = ("test_ray_bench_writes_what_the_local_runner_writes",
          "test_a_killed_actor_is_replaced_and_every_sample_comes_back_once",
-         "test_an_interrupted_ray_bench_resumes_without_redoing_finished_samples")
+         "test_an_interrupted_ray_bench_resumes_without_redoing_finished_samples",
+         "test_a_worker_that_cannot_load_the_model_stops_the_run_with_its_error")
 
 
 # --- outside: start the namespace ----------------------------------------------------------------
@@ -244,6 +245,26 @@ def test_an_interrupted_ray_bench_resumes_without_redoing_finished_samples(d4, t
     rows = read_csv(out / "results.csv")
     assert [rows[s]["resumed"] for s in sorted(SIZES)] == ["true" if s in done else "false" for s in sorted(SIZES)]
     assert summary["throughput"]["edited"] == 2
+
+
+class _CannotLoad:
+    """A worker factory that fails as a model load does (in the actor)."""
+
+    def __call__(self):
+        from gooddrag.core.errors import ModelNotFoundError
+
+        raise ModelNotFoundError("model 'nope' was not found; give a local folder")
+
+
+@in_netns
+def test_a_worker_that_cannot_load_the_model_stops_the_run_with_its_error(ray_cluster):
+    from gooddrag.core.errors import ModelNotFoundError
+    from gooddrag.plugins.runners.ray import RayRunner
+
+    events = []
+    with pytest.raises(ModelNotFoundError, match="model 'nope' was not found"):
+        list(RayRunner().run(["a", "b", "c"], _CannotLoad(), events.append))
+    assert not [e for e in events if e.kind in ("ready", "start")]
 
 
 # --- anywhere: no Ray ----------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
         md += [f"## Best and worst edits by {keys[0][1]}", "",
                "Each row: input with handles (red) and targets (blue) | result with the final handles (green).", "",
                f"![best and worst]({plots['best_worst'].name})", ""]
-    md += _placement_lines(rows, summary)
+    if summary["command"] == "bench":
+        md += _placement_lines(rows, summary)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         md += ["## Failed samples", "", "| id | error |", "| --- | --- |"]

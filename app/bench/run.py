@@ -355,6 +355,7 @@ def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: 
             sample = outcome["sample"]
             row = rows[sample.id]
             row["edited"] = True
+            clear_partials(sample_dir(root, sample.id))  # staging left by a killed earlier run
             if outcome["error"] is not None:
                 row["status"], row["error"] = "failed", outcome["error"]
             else:

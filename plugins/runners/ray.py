@@ -28,6 +28,8 @@ from gooddrag.core.runners import JobLost, RunnerEvent
 EXTRA = "pip install 'gooddrag[ray]'"
 #: how often the driver wakes up while waiting (keeps it responsive to Ctrl-C); not a limit
 POLL_S = 1.0
+#: fetching a finished result (images and files of one sample, possibly from another node)
+FETCH_TIMEOUT_S = 600.0
 
 
 def _non_negative(inst: Any, attr: Any, value: Any) -> None:
@@ -203,7 +205,7 @@ class RayRunner:
                 slot = slots[name]
                 job = slot.job
                 try:
-                    value = ray.get(ref, timeout=POLL_S)
+                    value = ray.get(ref, timeout=FETCH_TIMEOUT_S)
                 except RayTaskError as exc:  # a Python exception, not a crash: as fatal as in one process
                     cause = exc.cause if isinstance(exc.cause, Exception) else None
                     if cause is None:
