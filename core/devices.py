@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gooddrag.core.errors import RequirementError
@@ -17,3 +19,15 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RequirementError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """``cpu``, or ``cuda:0 (GPU 3, <name>)``: the physical index too, since CUDA_VISIBLE_DEVICES (set by
+    Ray for each actor) renumbers the GPUs a process sees, so ``cuda:0`` alone says nothing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = visible[index] if index < len(visible) else str(index)
+    return f"cuda:{index} (GPU {physical}, {torch.cuda.get_device_name(index)})"

@@ -32,3 +32,8 @@ class DivergedError(GoodDragError):
 class GoodDragWarning(UserWarning):
     """Something was repaired or skipped and the user should know (a damaged cache retrained, a result
     not cached); the editor records these in the run report and the CLI prints them."""
+
+
+class RunnerError(GoodDragError):
+    """A bench runner cannot start or keep its workers (cluster unreachable, too few resources, every
+    worker died)."""

@@ -74,7 +74,9 @@ def gooddrag_register_datasets() -> list[type]:
 
 @hookspec
 def gooddrag_register_runners() -> list[type]:
-    """Called once at start-up. Return bench runner classes (how samples are spread over devices)."""
+    """Called once at start-up. Return bench runner classes (how samples are spread over devices):
+    ``Params``, optionally ``check()``, and ``run(jobs, make_worker, on_event=None)`` yielding one
+    outcome (or ``JobLost``) per job; the contract is in ``gooddrag.core.runners``."""
 
 
 @hookspec

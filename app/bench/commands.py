@@ -38,7 +38,10 @@ def bench(
     metrics: str = typer.Option("dai", "--metrics", help="Comma-separated metrics, e.g. dai,md,if."),
     metric_param: List[str] = typer.Option([], "--metric-param", help="metric.field=value, e.g. dai.gammas=1,5 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Edit every sample again, even finished ones."),
-    runner: str = typer.Option("local", "--runner", help="How samples are spread over devices (local)."),
+    runner: str = typer.Option("local", "--runner",
+                               help="How samples are spread over devices: local, or ray (a Ray cluster, docs/scale-out.md)."),
+    runner_param: List[str] = typer.Option([], "--runner-param",
+                                           help="runner.field=value, e.g. ray.address=HOST:PORT (repeatable)."),
     model: str = O.MODEL,
     vae: str = O.VAE,
     preset: str = O.PRESET,
@@ -63,7 +66,8 @@ def bench(
 
     O.silence_libraries()
     opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
-                        metric_params=tuple(metric_param), force=force, runner=runner, model=model, vae=vae,
+                        metric_params=tuple(metric_param), force=force, runner=runner,
+                        runner_params=tuple(runner_param), model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
                         device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts,
                         faithful=faithful)

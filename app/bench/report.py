@@ -85,6 +85,8 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
         md += [f"## Best and worst edits by {keys[0][1]}", "",
                "Each row: input with handles (red) and targets (blue) | result with the final handles (green).", "",
                f"![best and worst]({plots['best_worst'].name})", ""]
+    if summary["command"] == "bench":
+        md += _placement_lines(rows, summary)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         md += ["## Failed samples", "", "| id | error |", "| --- | --- |"]
@@ -98,6 +100,37 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
     atomic_write_text(out / "report.md", "\n".join(md).rstrip("\n") + "\n")
     written.append(out / "report.md")
     return written
+
+
+def _placement_lines(rows: list[dict], summary: dict) -> list[str]:
+    """Throughput of this run per worker, and which node and device edited each sample."""
+    placed = [r for r in rows if r.get("placement")]
+    if not placed:
+        return []
+    md = ["## Workers and throughput", ""]
+    tp = summary.get("throughput")
+    if tp:
+        md += [f"This run edited {tp['edited']} samples in {md_num(tp['edit_wall_s'])} s (model loading included) on "
+               f"{tp['workers']} workers of the `{tp['runner']}` runner: {md_num(tp['samples_per_hour'])} samples/hour, "
+               f"**{md_num(tp['samples_per_hour_per_worker'])} samples/hour/{tp['unit']}**.", ""]
+    workers: dict[tuple, list[dict]] = {}
+    for r in placed:
+        p = r["placement"]
+        workers.setdefault((p.get("worker") or "-", p.get("node", "?"), p.get("device", "?")), []).append(r)
+    md += ["| worker | node | device | samples | edit time s | samples/hour while editing |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for (worker, node, device), rs in sorted(workers.items()):
+        busy = sum(sum(r["timings"].values()) for r in rs if r["timings"])
+        rate = len(rs) / busy * 3600 if busy else None
+        md.append(f"| {worker} | {node} | {device} | {len(rs)} | {md_num(busy)} | {md_num(rate)} |")
+    if any(not r["placement"].get("worker") for r in placed):
+        md += ["", "Worker `-`: edited by an earlier run (resumed)."]
+    md += ["", "### Where each sample was edited", "",
+           "| sample | worker | node | device |", "| --- | --- | --- | --- |"]
+    for r in placed:
+        p = r["placement"]
+        md.append(f"| {r['id']} | {p.get('worker') or '-'} | {p.get('node', '?')} | {p.get('device', '?')} |")
+    return md + [""]
 
 
 def _plots(out: Path, rows: list[dict], metrics: Sequence[Any], keys: list[tuple[str, str]],

@@ -271,6 +271,26 @@ def build_summary(rows: list[dict], metrics: Sequence[Any], *, command: str, dat
     })
 
 
+def placement_and_throughput(rows: Sequence[dict], runner: str, workers: Sequence[str] | set,
+                             edit_wall_s: float | None) -> dict:
+    """Summary entries: where each sample was edited (node, device and, for this run's edits, the
+    runner's worker) and this run's throughput, in samples per hour per worker (a worker holds one GPU,
+    or one CPU slot without GPUs). The wall time runs from the runner's start (model loading included)
+    to the last sample, so the figure is what a user waits for."""
+    placement = {r["id"]: r["placement"] for r in rows if r.get("placement")}
+    edited = sum(1 for r in rows if r.get("edited") and r.get("result_path") is not None)
+    n = len(workers)
+    throughput = None
+    if edit_wall_s and n:
+        per_hour = edited / edit_wall_s * 3600
+        devices = {(r.get("placement") or {}).get("device", "") for r in rows if r.get("edited")}
+        unit = "GPU" if devices and all(d.startswith("cuda") for d in devices) else "worker"
+        throughput = {"runner": runner, "workers": n, "unit": unit, "edited": edited,
+                      "edit_wall_s": round(edit_wall_s, 3), "samples_per_hour": round(per_hour, 3),
+                      "samples_per_hour_per_worker": round(per_hour / n, 3)}
+    return {"placement": placement, "throughput": throughput}
+
+
 def write_tables(out: Path, rows: list[dict], metrics: Sequence[Any], summary: dict) -> None:
     """results.csv and summary.json, each atomically."""
     atomic_write_text(out / "results.csv", results_csv(rows, metrics, resumed=summary.get("command") == "bench"))

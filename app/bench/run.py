@@ -21,8 +21,10 @@ run leaves consistent files (unfinished samples have status ``missing``) and the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -35,10 +37,12 @@ from gooddrag.core.config import DEFAULT_MODEL
 from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
+from gooddrag.core.runners import JobLost, RunnerEvent
 from gooddrag.core.samples import MalformedSample, Sample
 from gooddrag.app.bench.report import write_report
 from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, error_line, final_points, hash_file, metric_keys,
-                                        new_row, read_run_json, sample_dir, score_row, write_tables)
+                                        new_row, placement_and_throughput, read_run_json, sample_dir, score_row,
+                                        write_tables)
 #: result files accepted by ``score`` inside a per-sample folder, in order of preference
 RESULT_NAMES = ("result.png", "output_image.png", "dragged_image.png")
 FLAT_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -135,6 +139,26 @@ def load_metrics(registry: Registry, names: str | Sequence[str], metric_params: 
     return out
 
 
+def load_runner(registry: Registry, name: str, runner_params: Sequence[str] = ()) -> Any:
+    """The runner instance; ``runner_params`` are ``name.field=value`` (e.g. ray.address=auto). Its
+    ``check()`` runs here (before any model loads)."""
+    cls = registry.get("runner", name)
+    given: dict[str, str] = {}
+    for item in runner_params:
+        key, sep, value = item.partition("=")
+        runner, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(f"bad runner parameter {item!r}; write it as runner.field=value, e.g. ray.address=auto")
+        if runner != name:
+            raise ConfigError(f"runner parameter {item!r} is for {runner!r}, but --runner is {name!r}")
+        given[field] = value.strip()
+    runner = cls(build_params("runner", cls, given))
+    check = getattr(runner, "check", None)
+    if check is not None:
+        check()
+    return runner
+
+
 # --- bench ----------------------------------------------------------------------------------------
 
 
@@ -151,6 +175,7 @@ class BenchOptions:
     metric_params: tuple[str, ...] = ()
     force: bool = False
     runner: str = "local"
+    runner_params: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     vae: str = "auto"
     preset: str = "gooddrag"
@@ -183,10 +208,15 @@ def _method_diff(want: dict, have: dict) -> str | None:
 
 
 class _Progress:
-    """A rich progress bar with ETA on a terminal; one line per sample otherwise."""
+    """A rich progress bar with ETA on a terminal (plus a line per worker when the runner has several);
+    one line per sample otherwise. Runner events arrive through ``event``."""
 
-    def __init__(self, total: int, log: Log, tty: bool):
+    def __init__(self, total: int, log: Log, tty: bool, show_workers: bool = False, workers: set | None = None):
         self.total, self.log, self.done, self.bar = total, log, 0, None
+        self.show_workers = show_workers
+        self.workers = workers if workers is not None else set()  # names of the workers that got ready
+        self.worker_of: dict[str, str] = {}  # sample id -> worker that edited it
+        self.lines: dict[str, Any] = {}  # worker -> its rich task
         if tty and total:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -198,6 +228,27 @@ class _Progress:
             self.task = self.bar.add_task("bench", total=total)
             self.bar.start()
 
+    def event(self, ev: RunnerEvent) -> None:
+        """Per-worker state from the runner: which sample each worker edits, restarts, losses."""
+        sid = getattr(ev.job, "id", None)
+        if ev.kind == "ready":
+            self.workers.add(ev.worker)
+        if ev.kind == "start" and sid is not None:
+            self.worker_of[sid] = ev.worker
+        if self.bar is not None and self.show_workers:
+            if ev.worker not in self.lines:
+                self.lines[ev.worker] = self.bar.add_task(f"  {ev.worker}", total=None)
+            task = self.lines[ev.worker]
+            if ev.kind == "start":
+                self.bar.update(task, description=f"  {ev.worker} {sid}")
+            elif ev.kind == "done":
+                self.bar.update(task, advance=1)
+            elif ev.kind in ("lost", "restart"):
+                self.bar.console.print(f"{ev.worker} {'lost' if ev.kind == 'lost' else 'restarted'}: {ev.detail}")
+        elif ev.kind in ("ready", "restart", "lost") and ev.detail and self.show_workers:
+            what = {"ready": "ready", "restart": "died and was restarted", "lost": "lost"}[ev.kind]
+            self.log(f"worker {ev.worker} {what}: {ev.detail}")
+
     def step(self, row: dict, first_key: tuple[str, str] | None) -> None:
         self.done += 1
         val = ""
@@ -205,7 +256,8 @@ class _Progress:
             v = row["scores"].get(first_key[0], {}).get(first_key[1])
             val = f" {first_key[1]}={v:.4g}" if v is not None else ""
         t = sum(row["timings"].values()) if row["timings"] else 0.0
-        msg = f"[{self.done}/{self.total}] {row['id']}: {row['status']}{val} ({t:.1f} s)" + (
+        where = f" on {self.worker_of[row['id']]}" if self.show_workers and row["id"] in self.worker_of else ""
+        msg = f"[{self.done}/{self.total}] {row['id']}: {row['status']}{val} ({t:.1f} s){where}" + (
             f" - {row['error']}" if row["error"] else "")
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=row["id"])
@@ -292,8 +344,7 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
                          device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed, faithful=opts.faithful,
                          width=opts.width)
     metrics = load_metrics(reg, opts.metrics, opts.metric_params)
-    runner_cls = reg.get("runner", opts.runner)
-    runner = runner_cls(build_params("runner", runner_cls, {}))
+    runner = load_runner(reg, opts.runner, opts.runner_params)
     shard = parse_shard(opts.shard)
     dataset, dataset_name = open_dataset(reg, opts.dataset_dir, opts.dataset)
     samples = select_samples(dataset, opts.dataset_dir, opts.limit, shard)
@@ -331,9 +382,14 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     config_info = {**want, "runner": opts.runner, "prompts": "sample" if opts.prompts else "empty"}
     ordered = [rows[s.id] for s in samples]
 
+    edit_clock: dict[str, float] = {}
+    workers: set[str] = set()
+
     def flush() -> dict:
+        wall = edit_clock["end"] - edit_clock["start"] if "end" in edit_clock else None
+        extra = placement_and_throughput(ordered, opts.runner, workers, wall)
         summary = build_summary(ordered, metrics, command="bench", dataset=dataset_info, config=config_info,
-                                wall_s=time.perf_counter() - t_start)
+                                extra=extra, wall_s=time.perf_counter() - t_start)
         write_tables(out, ordered, metrics, summary)
         return summary
 
@@ -356,36 +412,37 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
         log(f"resuming: {len(done_reports)} of {len(samples)} samples already edited"
             + ("" if pending else "; nothing to edit (use --force to redo them)"))
     flush()
-    # 3. edit the rest, one model for all
+    # 3. edit the rest: the runner spreads the samples over its workers (each loads the model once);
+    # this process writes every file, so a worker on another machine needs no shared folder
     first_key = None
-    progress = _Progress(len(pending), log, sys.stderr.isatty() if tty is None else tty)
-
-    def make_worker() -> Callable[[Sample], dict]:
-        from gooddrag.core.editor import Editor
-
-        editor = Editor.from_pretrained(opts.model, vae=opts.vae, device=opts.device, dtype=opts.dtype,
-                                        attention=opts.attention, faithful=opts.faithful, registry=reg)
-        return lambda sample: _edit_one(editor, sample, sample_dir(root, sample.id), opts, list(plugins),
-                                        dataset_name)
-
-    results = runner.run(pending, make_worker)
+    progress = _Progress(len(pending), log, sys.stderr.isatty() if tty is None else tty,
+                         show_workers=opts.runner != "local", workers=workers)
+    edit_clock["start"] = time.perf_counter()
+    results = runner.run(pending, BenchWorker(opts, plugins, dataset_name, registry=reg), progress.event)
     try:
         for outcome in results:
+            if isinstance(outcome, JobLost):
+                outcome = {"sample": outcome.job, "error": outcome.error}
             sample = outcome["sample"]
             row = rows[sample.id]
             row["edited"] = True
+            clear_partials(sample_dir(root, sample.id))  # staging left by a killed earlier run
             if outcome["error"] is not None:
                 row["status"], row["error"] = "failed", outcome["error"]
             else:
                 folder = sample_dir(root, sample.id)
+                _store(folder, outcome["files"])
                 _fill_from_report(row, outcome["report"], sample)
                 row["result_path"] = folder / "result.png"
                 score_row(row, metrics, sample, outcome["image"], row["final_handles"], folder / "scores.json",
                           hash_file(folder / "run.json"))
+            if outcome.get("where") or sample.id in progress.worker_of:
+                row["placement"] = {**(outcome.get("where") or {}), "worker": progress.worker_of.get(sample.id)}
             if first_key is None:
                 keys = metric_keys(ordered, metrics)
                 first_key = keys[0] if keys else None
             progress.step(row, first_key)
+            edit_clock["end"] = time.perf_counter()
             flush()
     except KeyboardInterrupt:
         progress.stop()
@@ -422,18 +479,45 @@ def _fill_from_report(row: dict, report: dict, sample: Sample, path: Path | None
     naming the file (a hand-edited or foreign run.json must not crash the whole run)."""
     try:
         row["final_handles"] = final_points(report, len(sample.pairs))
+        where = (report.get("bench") or {}).get("worker")
+        row["placement"] = dict(where) if isinstance(where, dict) else None
         t = report.get("timings_s") or {}
         row["timings"] = {str(k): float(v) for k, v in t.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
     except (AttributeError, TypeError, ValueError) as exc:
-        row["final_handles"], row["timings"] = None, {}
+        row["final_handles"], row["timings"], row["placement"] = None, {}, None
         raise BadInputError(f"{path or 'run.json'} has a field of the wrong type ({type(exc).__name__}); "
                             "delete it to edit the sample again") from None
 
 
-def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plugins: list, dataset_name: str) -> dict:
-    """Edit one sample and write its folder atomically; failures come back as an error line."""
-    from gooddrag.plugins.outputs.files import clear_partials, staging, write_result_files
+class BenchWorker:
+    """Builds the edit function of one device (it loads the model once). Picklable, so that a runner
+    can build it in another process or on another machine, where it uses that process's registry."""
+
+    def __init__(self, opts: BenchOptions, plugins: Iterable[Any], dataset_name: str,
+                 registry: Registry | None = None):
+        self.opts, self.plugins, self.dataset_name, self.registry = opts, tuple(plugins), dataset_name, registry
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "registry": None}  # a plugin manager does not travel
+
+    def __call__(self) -> Callable[[Sample], dict]:
+        from gooddrag.core.devices import describe_device
+        from gooddrag.core.editor import Editor
+
+        o = self.opts
+        editor = Editor.from_pretrained(o.model, vae=o.vae, device=o.device, dtype=o.dtype, attention=o.attention,
+                                        faithful=o.faithful, registry=self.registry)
+        where = {"node": socket.gethostname(), "device": describe_device(editor.backbone.device)}
+        return functools.partial(_edit_one, editor, opts=o, plugins=list(self.plugins),
+                                 dataset_name=self.dataset_name, where=where)
+
+
+def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, plugins: list, dataset_name: str,
+              where: dict) -> dict:
+    """Edit one sample; its files come back as bytes (the caller writes them atomically), failures as
+    an error line."""
+    from gooddrag.plugins.outputs.files import result_files
 
     # A pair whose handle is its own target (Drag100 plants_3 has four) is not dragged: the engine
     # refuses it. Its final handle is the handle itself; every pair still counts in the metrics.
@@ -441,27 +525,36 @@ def _edit_one(editor: Any, sample: Sample, folder: Path, opts: BenchOptions, plu
     try:
         if not keep:
             raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
-        clear_partials(folder)  # this sample is pending: anything half-written there is from a killed run
-        with staging(folder) as tmp:
-            res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
-                              schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
-                              overrides=list(opts.params), lora=opts.lora,
-                              prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
-                              plugins=plugins)
-            finals = [[float(c) for c in h] for h, _ in sample.pairs]
-            for i, f in zip(keep, res.points):
-                finals[i] = list(f)
-            res.report["bench"] = {"sample": sample.id, "group": sample.group, "dataset": dataset_name,
-                                   "dataset_folder": str(opts.dataset_dir),
-                                   "pairs": [[list(h), list(t)] for h, t in sample.pairs],
-                                   "dragged_pairs": keep, "final_handles_all_pairs": finals,
-                                   "prompt": sample.prompt if opts.prompts else ""}
-            write_result_files(tmp, sample.image, res)
-        return {"sample": sample, "error": None, "image": res.image, "report": res.report}
+        res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
+                          schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
+                          overrides=list(opts.params), lora=opts.lora,
+                          prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
+                          plugins=plugins)
+        finals = [[float(c) for c in h] for h, _ in sample.pairs]
+        for i, f in zip(keep, res.points):
+            finals[i] = list(f)
+        res.report["bench"] = {"sample": sample.id, "group": sample.group, "dataset": dataset_name,
+                               "dataset_folder": str(opts.dataset_dir),
+                               "pairs": [[list(h), list(t)] for h, t in sample.pairs],
+                               "dragged_pairs": keep, "final_handles_all_pairs": finals,
+                               "prompt": sample.prompt if opts.prompts else "", "worker": where}
+        files = result_files(sample.image, res)
+        return {"sample": sample, "error": None, "image": res.image, "report": res.report, "files": files,
+                "where": where}
     except KeyboardInterrupt:
         raise
     except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the bench silently
-        return {"sample": sample, "error": error_line(exc), "image": None, "report": None}
+        return {"sample": sample, "error": error_line(exc), "image": None, "report": None, "files": None,
+                "where": where}
+
+
+def _store(folder: Path, files: dict[str, bytes]) -> None:
+    """One sample's files, all or none (a killed earlier attempt may have left a staging folder)."""
+    from gooddrag.plugins.outputs.files import clear_partials, staging, write_files
+
+    clear_partials(folder)
+    with staging(folder) as tmp:
+        write_files(tmp, files)
 
 
 # --- score ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ succeeded."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -120,8 +121,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def result_files(original: Image.Image, result: Any) -> dict[str, bytes]:
+    """result.png, points.png and run.json as bytes: a worker on another machine sends them back and
+    the process that owns the output folder writes them."""
+    files = {}
+    for name, image in (("result.png", result.image), ("points.png", points_figure(original, result.image,
+                                                                                   result.report))):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        files[name] = buf.getvalue()
+    files["run.json"] = (json.dumps(result.report, indent=2) + "\n").encode()
+    return files
+
+
+def write_files(tmp: Path, files: dict[str, bytes]) -> None:
+    """Files by name into the staging folder."""
+    for name, data in files.items():
+        (Path(tmp) / name).write_bytes(data)
+
+
 def write_result_files(tmp: Path, original: Image.Image, result: Any) -> None:
     """result.png, points.png and run.json into the staging folder."""
-    result.image.save(tmp / "result.png")
-    points_figure(original, result.image, result.report).save(tmp / "points.png")
-    (tmp / "run.json").write_text(json.dumps(result.report, indent=2) + "\n")
+    write_files(tmp, result_files(original, result))

@@ -1,9 +1,7 @@
-"""Bench runners: how the samples of ``gooddrag bench`` are spread over workers.
+"""The local runner, the embedded default: one worker in this process, jobs in order.
 
-A runner has ``name``, ``Params`` and ``run(jobs, make_worker)``: ``make_worker()`` builds a worker
-(it loads the model; a runner calls it once per device) and ``worker(job)`` edits one job and returns
-its outcome. ``run`` yields the outcomes as they finish. The local runner is the embedded default: one
-worker in this process, jobs in order, and no model is loaded when there is nothing to do.
+The runner contract (``run(jobs, make_worker, on_event)``) is described in ``gooddrag.core.runners``.
+No model is loaded when there is nothing to do.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 
 from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.runners import RunnerEvent
 
 
 class LocalRunner:
@@ -27,12 +26,21 @@ class LocalRunner:
     def __init__(self, params: "LocalRunner.Params | None" = None):
         self.params = params or LocalRunner.Params()
 
-    def run(self, jobs: Iterable[Any], make_worker: Callable[[], Callable[[Any], Any]]) -> Iterator[Any]:
+    def check(self) -> None:
+        """Needs nothing beyond gooddrag itself."""
+
+    def run(self, jobs: Iterable[Any], make_worker: Callable[[], Callable[[Any], Any]],
+            on_event: Callable[[RunnerEvent], None] | None = None) -> Iterator[Any]:
+        emit = on_event or (lambda event: None)
         worker = None
         for job in jobs:
             if worker is None:
                 worker = make_worker()
-            yield worker(job)
+                emit(RunnerEvent("ready", self.name, detail="this process"))
+            emit(RunnerEvent("start", self.name, job))
+            outcome = worker(job)
+            emit(RunnerEvent("done", self.name, job))
+            yield outcome
 
 
 @hookimpl
