@@ -207,7 +207,8 @@ def test_a_killed_actor_is_replaced_and_every_sample_comes_back_once(d4, tmp_pat
                                                         "owl_3": "failed"}
     assert rows["car_2"]["error"] == "RuntimeError: injected failure"
     assert rows["owl_3"]["error"].startswith("the Ray worker died editing it (1 retries)")
-    assert summary["counts"] == {"ok": 2, "failed": 2, "missing": 0, "total": 4, "skipped": 0, "edited": 4}
+    assert summary["counts"] == {"ok": 2, "failed": 2, "missing": 0, "total": 4, "skipped": 0, "edited": 4,
+                                 "malformed": 0}
     assert sum("died and was restarted" in line for line in lines) >= 2, lines
     assert sum(line.startswith("[") and "/4] " in line for line in lines) == 4  # one progress line per sample
     for sid in ("cat_0", "dog_1"):
@@ -240,7 +241,8 @@ def test_an_interrupted_ray_bench_resumes_without_redoing_finished_samples(d4, t
     summary = run_bench(_opts(d4, out, runner="ray"), plugins=[Faults(log_dir)], log=lines.append, tty=False)
     assert sorted(_attempts(log_dir)) == sorted(set(SIZES) - set(done))  # only the unfinished ones
     assert {s: (out / "samples" / s / "run.json").stat().st_mtime_ns for s in done} == mtimes
-    assert summary["counts"] == {"ok": 4, "failed": 0, "missing": 0, "total": 4, "skipped": 2, "edited": 2}
+    assert summary["counts"] == {"ok": 4, "failed": 0, "missing": 0, "total": 4, "skipped": 2, "edited": 2,
+                                 "malformed": 0}
     assert "resuming: 2 of 4 samples already edited" in lines
     rows = read_csv(out / "results.csv")
     assert [rows[s]["resumed"] for s in sorted(SIZES)] == ["true" if s in done else "false" for s in sorted(SIZES)]
