@@ -160,14 +160,37 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
     console.print(table)
 
 
-def _not_yet(what: str) -> None:
-    raise GoodDragError(f"'gooddrag {what}' is not implemented in this version; use 'gooddrag edit'")
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, "--port", help="Port to serve on."),
+    model: str = O.MODEL,
+    vae: str = O.VAE,
+    device: str = O.DEVICE,
+    dtype: str = O.DTYPE,
+    attention: str = O.ATTENTION,
+    preset: str = O.PRESET,
+    lora: str = O.LORA,
+    width: int = O.WIDTH,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
+    samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
+                                 help='Folder that "save as sample" writes Drag100 samples into.'),
+) -> None:
+    """Interactive drag editor in the browser (needs the extra gooddrag[ui])."""
+    from gooddrag.app.ui import default_out, launch, require_gradio
+    from gooddrag.core.config import resolve_config
+    from gooddrag.core.registry import default_registry
 
+    require_gradio()
+    resolve_config(default_registry(), preset=preset, model=model, vae=vae, lora=lora, device=device, dtype=dtype,
+                   attention=attention, width=width)  # bad options fail here, in one line, before serving
+    O.silence_libraries()
+    from gooddrag.app.ui.page import UiSettings
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ui() -> None:
-    """(not implemented yet) Interactive editor in the browser."""
-    _not_yet("ui")
+    settings = UiSettings(model=model, vae=vae, device=device, dtype=dtype, attention=attention, width=width,
+                          lora=lora, preset=preset, out=out or default_out(), samples=samples)
+    typer.echo(f"gooddrag ui: http://{host}:{port} (model {model}, loaded on the first edit; Ctrl-C stops)")
+    launch(settings, host=host, port=port, quiet=True)
 
 
 from gooddrag.app.bench.commands import bench, score  # noqa: E402  (their options live with them)

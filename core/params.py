@@ -151,3 +151,57 @@ def finite(instance: Any, attribute: Any, value: Any) -> None:
     """attrs validator: reject NaN/inf."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"'{attribute.name}' must be finite (got {value})", attribute)
+
+
+@attrs.frozen
+class ParamSpec:
+    """One Params field as a front-end needs it to build a control: type, default, help, range, choices."""
+
+    field: str
+    type: Any  # bool, int, float, str, or the resolved annotation for anything else
+    default: Any
+    help: str
+    minimum: float | None = None  # from ge/gt validators (gt is reported as its bound)
+    maximum: float | None = None  # from le/lt validators
+    choices: tuple | None = None  # from in_ validators or a Literal annotation
+    optional: bool = False  # the annotation allows None
+
+
+def param_specs(component: type) -> list[ParamSpec]:
+    """Every field of ``component.Params`` with the range and choices its attrs validators declare, so
+    a UI can show a third-party component's parameters without knowing it."""
+    cls = params_class(component)
+    types_ = field_types(cls)
+    out = []
+    for f in attrs.fields(cls):
+        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[union-attr]
+        tp, optional = types_[f.name], False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional, tp = len(args) < len(typing.get_args(tp)), (args[0] if len(args) == 1 else tp)
+        lo = hi = choices = None
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+        for v in _validators(f.validator):
+            op, bound = getattr(v, "compare_op", None), getattr(v, "bound", None)
+            if op in (">=", ">") and isinstance(bound, (int, float)):
+                lo = bound if lo is None else max(lo, bound)
+            elif op in ("<=", "<") and isinstance(bound, (int, float)):
+                hi = bound if hi is None else min(hi, bound)
+            elif isinstance(getattr(v, "options", None), (tuple, list, set, frozenset)):
+                choices = tuple(v.options)
+        out.append(ParamSpec(f.name, tp, default, f.metadata.get("help", ""), lo, hi, choices, optional))
+    return out
+
+
+def _validators(v: Any) -> list[Any]:
+    """Flatten attrs' and_/optional wrappers into the validators they hold."""
+    if v is None:
+        return []
+    inner = getattr(v, "_validators", None)
+    if inner is not None:
+        return [x for w in inner for x in _validators(w)]
+    wrapped = getattr(v, "validator", None)  # attrs.validators.optional(...)
+    if wrapped is not None and wrapped is not v:
+        return _validators(wrapped)
+    return [v]

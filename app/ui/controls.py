@@ -1,0 +1,67 @@
+"""Parameter controls generated from a component's ``Params`` (types, ranges, help), so every
+registered schedule, loss and tracker (a third-party plugin's too) gets its controls with no UI code."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gooddrag.core.config import Preset
+from gooddrag.core.params import ParamSpec, param_specs
+
+
+def make_control(spec: ParamSpec, kind: str, value: Any = None) -> Any:
+    """The gradio component for one field: checkbox, dropdown, slider (both bounds), number or text."""
+    import gradio as gr
+
+    value = spec.default if value is None else value
+    label, info = f"{kind}.{spec.field}", spec.help or None
+    elem_id = f"param-{kind}-{spec.field}"
+    if spec.optional or spec.type not in (bool, int, float, str):
+        return gr.Textbox(value=_text(value), label=label, info=info, elem_id=elem_id)
+    if spec.type is bool:
+        return gr.Checkbox(value=bool(value), label=label, info=info, elem_id=elem_id)
+    if spec.choices:
+        return gr.Dropdown(choices=list(spec.choices), value=value, label=label, info=info, elem_id=elem_id)
+    if spec.type is str:
+        return gr.Textbox(value=value, label=label, info=info, elem_id=elem_id)
+    integer = spec.type is int
+    if spec.minimum is not None and spec.maximum is not None and not integer:
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value, step=(spec.maximum - spec.minimum) / 100,
+                         label=label, info=info, elem_id=elem_id)
+    return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, precision=0 if integer else None,
+                     step=1 if integer else 0.001, label=label, info=info, elem_id=elem_id)
+
+
+def _text(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def to_override(spec: ParamSpec, value: Any) -> Any:
+    """A control's value in the form ``build_params`` converts (text goes through the typed parser)."""
+    if spec.optional or spec.type not in (bool, int, float, str):
+        return "none" if value in (None, "") else str(value)
+    return value
+
+
+class ParamControls:
+    """All parameter controls of one component, keyed by field."""
+
+    def __init__(self, kind: str, component: type, values: Mapping[str, Any] | None = None):
+        self.kind, self.component = kind, component
+        self.specs = param_specs(component)
+        values = values or {}
+        self.controls = [make_control(s, kind, values.get(s.field)) for s in self.specs]
+
+    def overrides(self, values: list[Any]) -> dict[str, Any]:
+        """{field: value} from the controls' current values (in the order of ``self.controls``)."""
+        return {s.field: to_override(s, v) for s, v in zip(self.specs, values)}
+
+    def values_for(self, preset: Preset | None) -> list[Any]:
+        """Defaults, with the preset's values where the preset uses this component."""
+        uses = preset is not None and (self.kind == "lora" or getattr(preset, self.kind) == self.component.name)
+        given = dict(preset.params.get(self.kind, {})) if uses else {}
+        out = []
+        for s in self.specs:
+            v = given.get(s.field, s.default)
+            out.append(_text(v) if (s.optional or s.type not in (bool, int, float, str)) else v)
+        return out

@@ -1,0 +1,288 @@
+"""The engine side of the UI, without gradio: loaded editors, point drawing, the brushed mask, one
+edit in a worker thread with live events and cancellation, result files and "save as sample"."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from gooddrag.core.editor import Editor
+from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.inputs import EditInput, Pair
+from gooddrag.core.registry import Registry
+from gooddrag.plugins.outputs.files import staging, to_pil, write_result_files
+
+#: longest side accepted from an upload (the edit itself runs at the working width; this bounds the
+#: original-size work: mask, drawing, resizing, files)
+MAX_SIDE = 4096
+
+HANDLE, TARGET, FINAL = (230, 40, 40), (40, 90, 230), (40, 220, 40)
+
+
+class EditorPool:
+    """One loaded :class:`Editor` per (model, vae, device, dtype, attention), for the server's life:
+    the model loads on the first edit and never again."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._editors: dict[tuple, Editor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str, *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
+            attention: str = "auto") -> Editor:
+        key = (model, vae, device, dtype, attention)
+        with self._lock:
+            if key not in self._editors:
+                self._editors[key] = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype,
+                                                            attention=attention, registry=self.registry)
+            return self._editors[key]
+
+    def adopt(self, backbone: Any, model: str, *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
+              attention: str = "auto") -> None:
+        """Use an already loaded backbone for this key (tests share one tiny model)."""
+        with self._lock:
+            self._editors[(model, vae, device, dtype, attention)] = Editor(backbone, self.registry)
+
+    def loaded(self, model: str, **key: str) -> bool:
+        k = (model, key.get("vae", "auto"), key.get("device", "auto"), key.get("dtype", "fp32"),
+             key.get("attention", "auto"))
+        return k in self._editors
+
+
+def check_image(image: Image.Image) -> Image.Image:
+    """An uploaded image as RGB, refused (one line) when it is too large to edit comfortably."""
+    w, h = image.size
+    if max(w, h) > MAX_SIDE:
+        raise BadInputError(f"the image is {w}x{h}; the editor takes up to {MAX_SIDE} px on a side, "
+                            "downscale it first")
+    if min(w, h) < 8:
+        raise BadInputError(f"the image is {w}x{h}; give an image at least 8 px on each side")
+    return image.convert("RGB")
+
+
+def pairs_from_clicks(points: Sequence[Sequence[float]]) -> list[Pair]:
+    """Clicked points (handle, target, handle, ...) -> pairs; one-line errors for none or an odd count."""
+    if not points:
+        raise BadInputError("no points: click a handle (red) on the image, then its target (blue)")
+    if len(points) % 2:
+        raise BadInputError(f"{len(points)} points, an odd number: handle {len(points) // 2 + 1} has no target; "
+                            "click its target or undo the last point")
+    return [((float(points[i][0]), float(points[i][1])), (float(points[i + 1][0]), float(points[i + 1][1])))
+            for i in range(0, len(points), 2)]
+
+
+def mask_from_layers(layers: Sequence[Any] | None, size: tuple[int, int]) -> np.ndarray | None:
+    """Brush layers of the image editor -> (H, W) bool mask (painted = editable); None when nothing is
+    painted (the whole image is editable)."""
+    painted = None
+    for layer in layers or []:
+        if layer is None:
+            continue
+        arr = np.asarray(layer)
+        alpha = arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[2] == 4 else arr.reshape(arr.shape[:2] + (-1,)).any(-1)
+        painted = alpha if painted is None or painted.shape != alpha.shape else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    w, h = size
+    if painted.shape != (h, w):
+        painted = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    return painted
+
+
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _arrow(d: ImageDraw.ImageDraw, a: Sequence[float], b: Sequence[float], width: int, head: float) -> None:
+    d.line([tuple(a), tuple(b)], fill=(255, 255, 255), width=width)
+    v = np.subtract(b, a).astype(float)
+    n = float(np.hypot(*v))
+    if n < 1e-6:
+        return
+    u, perp = v / n, np.array([-v[1], v[0]]) / n
+    base = np.asarray(b, float) - u * min(head, n)
+    d.polygon([tuple(b), tuple(base + perp * head / 2), tuple(base - perp * head / 2)], fill=(255, 255, 255))
+
+
+def draw_clicks(image: Image.Image, points: Sequence[Sequence[float]], mask: np.ndarray | None = None,
+                finals: Sequence[Sequence[float]] | None = None) -> Image.Image:
+    """The image with the locked region dimmed, numbered handles (red) with arrows to their targets
+    (blue), a pending handle, and final handles (green rings) when given."""
+    im = image.convert("RGB")
+    if mask is not None:
+        arr = np.asarray(im).astype(np.float32)
+        arr[~mask] *= 0.45
+        im = Image.fromarray(arr.astype(np.uint8))
+    else:
+        im = im.copy()
+    d = ImageDraw.Draw(im)
+    r = max(3, round(min(im.size) / 60))
+    font = _font(max(10, 3 * r))
+    for i in range(0, len(points), 2):
+        h = points[i]
+        if i + 1 < len(points):
+            t = points[i + 1]
+            _arrow(d, h, t, max(1, r // 2), 3 * r)
+            d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=TARGET, outline=(255, 255, 255))
+        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=HANDLE, outline=(255, 255, 255))
+        d.text((h[0] + r + 1, h[1] - 3 * r), str(i // 2 + 1), fill=(255, 255, 255), font=font,
+               stroke_width=max(1, r // 3), stroke_fill=(0, 0, 0))
+    for f in finals or []:
+        d.ellipse([f[0] - r - 1, f[1] - r - 1, f[0] + r + 1, f[1] + r + 1], outline=FINAL, width=max(2, r // 2))
+    return im
+
+
+class EditCancelled(GoodDragError):
+    """The user pressed Cancel; the edit stops at the next phase or drag step."""
+
+
+class LiveRun:
+    """Event-hook plugin of one UI edit: reports phases and steps to the page's queue and stops the
+    edit when Cancel was pressed."""
+
+    def __init__(self, events: "queue.Queue[tuple]", cancel: threading.Event):
+        self.events, self.cancel, self.steps = events, cancel, 0
+
+    def _check(self) -> None:
+        if self.cancel.is_set():
+            raise EditCancelled("edit cancelled; nothing was written")
+
+    @hookimpl
+    def gooddrag_phase(self, name, status):
+        self._check()
+        self.events.put(("phase", name, status))
+
+    @hookimpl
+    def gooddrag_drag_step(self, timestep, drag, step):
+        self._check()
+        self.steps += 1
+        self.events.put(("step", timestep, self.steps))
+
+    @hookimpl
+    def gooddrag_points_tracked(self, timestep, drag, points):
+        self._check()
+
+
+class LivePreview(LiveRun):
+    """Adds a decoded preview of what the image is becoming after each drag, with the current
+    handles, to the page's queue and to the animation frames."""
+
+    def __init__(self, events: "queue.Queue[tuple]", cancel: threading.Event, backbone: Any, inp: EditInput):
+        super().__init__(events, cancel)
+        self.backbone, self.inp, self.frames = backbone, inp, []
+
+    @hookimpl
+    def gooddrag_preview(self, timestep, drag, x0, handles):
+        import torch
+
+        self._check()
+        with torch.no_grad():
+            img = to_pil(self.backbone.decode(x0)).resize(self.inp.size, Image.BILINEAR)
+        current = self.inp.to_image_px(handles)
+        pts = [p for (_, t), h in zip(self.inp.pairs, current) for p in (h, t)]
+        frame = draw_clicks(img, pts)
+        self.frames.append(frame)
+        self.events.put(("preview", timestep, drag, frame))
+
+
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def device_lock(device: str) -> threading.Lock:
+    """One edit at a time per device, also across a cancelled edit that is still winding down."""
+    with _LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def run_edit(editor: Editor, inp: EditInput, options: dict[str, Any], cancel: threading.Event,
+             previews: bool = True) -> Iterator[tuple]:
+    """Run one edit in a worker thread; yield ``("phase", name, status)``, ``("step", t, n)``,
+    ``("preview", t, drag, image)`` events, then ``("done", result, frames)`` or ``("error", exc)``.
+    Closing the iterator early (the page cancelled) cancels the edit."""
+    events: "queue.Queue[tuple]" = queue.Queue()
+    plugin = LivePreview(events, cancel, editor.backbone, inp) if previews else LiveRun(events, cancel)
+
+    def work() -> None:
+        with device_lock(str(editor.backbone.device)):
+            try:
+                if cancel.is_set():
+                    raise EditCancelled("edit cancelled; nothing was written")
+                result = editor.edit(inp.image, inp, plugins=[plugin], **options)
+                events.put(("done", result, getattr(plugin, "frames", [])))
+            except BaseException as exc:  # handed to the page, which shows it as one line
+                events.put(("error", exc))
+
+    thread = threading.Thread(target=work, name="gooddrag-ui-edit", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ev = events.get()
+            yield ev
+            if ev[0] in ("done", "error"):
+                return
+    finally:
+        if thread.is_alive():
+            cancel.set()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one-line message the page shows."""
+    if isinstance(exc, GoodDragError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"the edit failed: {type(exc).__name__}{': ' + text if text else ''}"
+
+
+def new_run_dir(root: Path) -> Path:
+    """A fresh folder for one edit's files."""
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def write_outputs(run_dir: Path, inp: EditInput, result: Any, frames: Sequence[Image.Image] = ()) -> list[Path]:
+    """result.png, points.png, run.json and (with previews) drag.gif, written atomically."""
+    with staging(run_dir) as tmp:
+        write_result_files(tmp, inp.image, result)
+        if frames:
+            final = draw_clicks(result.image, [p for (_, t), h in zip(inp.pairs, result.points) for p in (h, t)])
+            seq = [*frames, *[final] * 5]
+            seq[0].save(tmp / "drag.gif", save_all=True, append_images=seq[1:], duration=120, loop=0)
+    names = ("result.png", "points.png", "run.json", "drag.gif")
+    return [run_dir / n for n in names if (run_dir / n).exists()]
+
+
+_SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def save_sample(root: Path, name: str, image: Image.Image, pairs: Sequence[Pair], mask: np.ndarray | None) -> Path:
+    """Write the input as a Drag100 sample folder ``root/name`` (original.png, mask.png with 255 =
+    editable, points.json, image_with_points.png) so ``gooddrag bench root`` can run it."""
+    name = (name or "").strip()
+    if not _SAMPLE_NAME.fullmatch(name):
+        raise BadInputError(f"sample name {name!r}: use letters, digits, '_', '-' or '.', e.g. cat_1 "
+                            "(Drag100 derives the content group from it)")
+    folder = Path(root) / name
+    if folder.exists():
+        raise BadInputError(f"sample {name!r} already exists in {root}; choose another name")
+    w, h = image.size
+    keep = np.ones((h, w), bool) if mask is None else mask
+    flat = [list(p) for pair in pairs for p in pair]
+    with staging(folder) as tmp:
+        image.convert("RGB").save(tmp / "original.png")
+        Image.fromarray(keep.astype(np.uint8) * 255, "L").save(tmp / "mask.png")
+        (tmp / "points.json").write_text(json.dumps({"points": flat}) + "\n")
+        draw_clicks(image, flat, mask).save(tmp / "image_with_points.png")
+    return folder
