@@ -193,11 +193,6 @@ def test_handles_at_the_border_work(tmp_path, capsys):
     assert code == 0, err
 
 
-def test_unimplemented_commands_say_so(capsys):
-    code, _, err = run(["ui"], capsys)
-    assert code == 2 and "not implemented" in err
-
-
 def test_out_that_would_replace_an_input_or_cannot_be_written_is_refused(tmp_path, capsys, no_model):
     from gooddrag.testing import random_image
 

@@ -9,27 +9,26 @@ from gooddrag.core.config import Preset
 from gooddrag.core.params import ParamSpec, param_specs
 
 
-def make_control(spec: ParamSpec, kind: str, value: Any = None) -> Any:
+def make_control(spec: ParamSpec, kind: str, value: Any) -> Any:
     """The gradio component for one field: checkbox, dropdown, slider (both bounds), number or text."""
     import gradio as gr
 
-    value = spec.default if value is None else value
-    label, info = f"{kind}.{spec.field}", spec.help or None
-    elem_id = f"param-{kind}-{spec.field}"
+    common = dict(label=f"{kind}.{spec.field}", info=spec.help or None, elem_id=f"param-{kind}-{spec.field}",
+                  min_width=220)
     if spec.optional or spec.type not in (bool, int, float, str):
-        return gr.Textbox(value=_text(value), label=label, info=info, elem_id=elem_id)
+        return gr.Textbox(value=_text(value), **common)
     if spec.type is bool:
-        return gr.Checkbox(value=bool(value), label=label, info=info, elem_id=elem_id)
+        return gr.Checkbox(value=bool(value), **common)
     if spec.choices:
-        return gr.Dropdown(choices=list(spec.choices), value=value, label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
     if spec.type is str:
-        return gr.Textbox(value=value, label=label, info=info, elem_id=elem_id)
+        return gr.Textbox(value=value, **common)
     integer = spec.type is int
     if spec.minimum is not None and spec.maximum is not None and not integer:
-        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value, step=(spec.maximum - spec.minimum) / 100,
-                         label=label, info=info, elem_id=elem_id)
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value,
+                         step=(spec.maximum - spec.minimum) / 100, **common)
     return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, precision=0 if integer else None,
-                     step=1 if integer else 0.001, label=label, info=info, elem_id=elem_id)
+                     step=1 if integer else 0.001, **common)
 
 
 def _text(value: Any) -> str:
@@ -46,11 +45,10 @@ def to_override(spec: ParamSpec, value: Any) -> Any:
 class ParamControls:
     """All parameter controls of one component, keyed by field."""
 
-    def __init__(self, kind: str, component: type, values: Mapping[str, Any] | None = None):
+    def __init__(self, kind: str, component: type, preset: Preset | None = None):
         self.kind, self.component = kind, component
         self.specs = param_specs(component)
-        values = values or {}
-        self.controls = [make_control(s, kind, values.get(s.field)) for s in self.specs]
+        self.controls = [make_control(s, kind, v) for s, v in zip(self.specs, self.values_for(preset))]
 
     def overrides(self, values: list[Any]) -> dict[str, Any]:
         """{field: value} from the controls' current values (in the order of ``self.controls``)."""

@@ -20,6 +20,8 @@ from gooddrag.core.registry import Registry
 
 PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 LORA_MODES = ["auto", "off", "path"]
+MASK_COLOR = "rgba(34, 197, 94, 0.55)"  # translucent: the image stays visible under the brushed region
+IMAGE_HEIGHT = 380
 
 
 @attrs.frozen(kw_only=True)
@@ -46,6 +48,10 @@ def _doc(comp: Any) -> str:
     return lines[0] if lines else ""
 
 
+def _xy(p: Any) -> str:
+    return f"({p[0]:g}, {p[1]:g})"
+
+
 def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) -> gr.Blocks:
     """The whole page; every registered schedule, loss and tracker gets a group of controls generated
     from its Params, shown while it is selected."""
@@ -64,19 +70,22 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                 editor = gr.ImageEditor(
                     label="1. Image and editable region (brush; erase; nothing painted = whole image)",
                     type="numpy", image_mode="RGBA", format="png", sources=["upload", "clipboard"],
-                    transforms=[], layers=False, elem_id="input-editor",
-                    brush=gr.Brush(colors=["#22c55e"], default_color="#22c55e", color_mode="fixed"),
+                    transforms=[], layers=False, elem_id="input-editor", height=IMAGE_HEIGHT + 60,
+                    brush=gr.Brush(colors=[MASK_COLOR], default_color=MASK_COLOR, color_mode="fixed"),
                     eraser=gr.Eraser())
+                opener = gr.UploadButton("Open an image file", type="filepath", size="sm", elem_id="open-image")
             with gr.Column():
                 view = gr.Image(label="2. Click handle (red), then target (blue)", type="pil", format="png",
-                                interactive=False, elem_id="points-view", buttons=[])
+                                interactive=False, elem_id="points-view", buttons=[],
+                                height=IMAGE_HEIGHT)
                 with gr.Row():
                     undo = gr.Button("Undo last point", size="sm", elem_id="undo")
                     clear = gr.Button("Clear points", size="sm", elem_id="clear")
                 points_md = gr.Markdown("No points yet.", elem_id="points-list")
             with gr.Column():
                 result_view = gr.Image(label="3. Result (live preview while dragging; green = final handles)",
-                                       type="pil", format="png", interactive=False, elem_id="result")
+                                       type="pil", format="png", interactive=False, elem_id="result",
+                                       height=IMAGE_HEIGHT)
                 compare = gr.ImageSlider(label="Compare input | result", type="pil", format="png",
                                          interactive=False, elem_id="compare")
         with gr.Row():
@@ -100,9 +109,8 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                     shown = name == getattr(preset0, kind)
                     with gr.Group(visible=shown, elem_id=f"params-{kind}-{name}") as group:
                         gr.Markdown(f"**{kind} `{name}`** ({registry.owner(kind, name)}): {_doc(comp)}")
-                        pc = ParamControls(kind, comp)
-                        for c, v in zip(pc.controls, pc.values_for(preset0)):
-                            c.value = v
+                        with gr.Row():
+                            pc = ParamControls(kind, comp, preset0)
                     groups[kind].append((name, group))
                     controls.append((kind, name, pc))
         with gr.Accordion("LoRA (per image; trained once, then cached on disk)", open=False):
@@ -112,9 +120,8 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                                      elem_id="lora-mode")
                 lora_path = gr.Textbox(value="" if settings.lora in ("auto", "off") else settings.lora,
                                        label="LoRA path", elem_id="lora-path")
-            lora_pc = ParamControls("lora", _LoraSettings)
-            for c, v in zip(lora_pc.controls, lora_pc.values_for(preset0)):
-                c.value = v
+            with gr.Row():
+                lora_pc = ParamControls("lora", _LoraSettings, preset0)
         with gr.Accordion("Run settings", open=False):
             with gr.Row():
                 width = gr.Number(settings.width, label="working width", precision=0, minimum=16, step=8,
@@ -138,8 +145,8 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
         def describe(points: list) -> str:
             if not points:
                 return "No points yet."
-            rows = [f"{i // 2 + 1}: ({points[i][0]}, {points[i][1]}) → "
-                    + (f"({points[i + 1][0]}, {points[i + 1][1]})" if i + 1 < len(points) else "(click its target)")
+            rows = [f"{i // 2 + 1}: {_xy(points[i])} → "
+                    + (_xy(points[i + 1]) if i + 1 < len(points) else "(click its target)")
                     for i in range(0, len(points), 2)]
             return "Pairs: " + "; ".join(rows)
 
@@ -155,6 +162,20 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
             return image, [], show(image, [], ed), describe([])
 
         editor.upload(on_upload, editor, [image_state, points_state, view, points_md])
+
+        def on_open(path: str | None):
+            """Any file may be picked here; what is not a (sane) image gets a message instead of silence."""
+            if not path:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            try:
+                image = work.open_image(path)
+            except GoodDragError as exc:
+                gr.Warning(work.one_line(exc))
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"**{work.one_line(exc)}**"
+            value = {"background": image, "layers": [], "composite": None}
+            return value, image, [], show(image, [], None), describe([])
+
+        opener.upload(on_open, opener, [editor, image_state, points_state, view, points_md])
 
         def on_brush(image, points, ed):
             bg = (ed or {}).get("background")
@@ -252,7 +273,7 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                            compare: (image, result.image), result_state: result.image,
                            files: [str(p) for p in paths],
                            status: (f"Done: {r['stop_reason']} after {r['gradient_steps']} gradient steps; final handles "
-                                    f"{result.points} (targets {[list(t) for _, t in inp.pairs]}); LoRA {r['lora']}; "
+                                    f"{', '.join(map(_xy, result.points))} (targets {', '.join(_xy(t) for _, t in inp.pairs)}); LoRA {r['lora']}; "
                                     f"{sum(r['timings_s'].values()):.1f} s. Files in `{paths[0].parent}`.")}
 
         run_event = run_btn.click(

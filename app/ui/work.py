@@ -70,6 +70,18 @@ def check_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """An uploaded file as a checked RGB image; a one-line message naming the file when it is not one."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise BadInputError(f"{name!r} is not a readable image; open a PNG or JPEG file") from None
+    return check_image(image)
+
+
 def pairs_from_clicks(points: Sequence[Sequence[float]]) -> list[Pair]:
     """Clicked points (handle, target, handle, ...) -> pairs; one-line errors for none or an odd count."""
     if not points:
@@ -258,8 +270,8 @@ def write_outputs(run_dir: Path, inp: EditInput, result: Any, frames: Sequence[I
         write_result_files(tmp, inp.image, result)
         if frames:
             final = draw_clicks(result.image, [p for (_, t), h in zip(inp.pairs, result.points) for p in (h, t)])
-            seq = [*frames, *[final] * 5]
-            seq[0].save(tmp / "drag.gif", save_all=True, append_images=seq[1:], duration=120, loop=0)
+            frames[0].save(tmp / "drag.gif", save_all=True, append_images=[*frames[1:], final],
+                           duration=[120] * len(frames) + [1500], loop=0)  # the final image stays up longer
     names = ("result.png", "points.png", "run.json", "drag.gif")
     return [run_dir / n for n in names if (run_dir / n).exists()]
 
