@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 from gooddrag.app.ui import work
@@ -92,8 +93,8 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
             run_btn = gr.Button("Run", variant="primary", elem_id="run")
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
             again_btn = gr.Button("Drag again (result becomes the input)", elem_id="drag-again")
-        status = gr.Markdown("Ready.", elem_id="status", min_height=40)
-        files = gr.File(label="Downloads: result.png, points.png, run.json, drag.gif", file_count="multiple",
+        status = gr.Markdown("Starting...", elem_id="status", min_height=40)
+        files = gr.File(label="Downloads", file_count="multiple",
                         interactive=False, elem_id="downloads")
 
         with gr.Accordion("Method and parameters", open=True):
@@ -150,18 +151,26 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                     for i in range(0, len(points), 2)]
             return "Pairs: " + "; ".join(rows)
 
-        def on_upload(ed: dict | None):
+        def on_editor(image, points, ed):
+            """A background that differs from the current input is a new image (its upload event can
+            arrive before the background does, so uploads and changes both come here); otherwise the
+            brushed layer changed and the points view shows the new mask."""
             bg = (ed or {}).get("background")
             if bg is None:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()  # the empty change on page load
+            new = Image.fromarray(bg).convert("RGB")
+            if image is not None and new.size == image.size and np.array_equal(np.asarray(new), np.asarray(image)):
+                return gr.skip(), gr.skip(), show(image, points, ed), gr.skip()
             try:
-                image = work.check_image(Image.fromarray(bg))
+                new = work.check_image(new)
             except GoodDragError as exc:
                 gr.Warning(str(exc))
                 return None, [], None, f"**{exc}**"
-            return image, [], show(image, [], ed), describe([])
+            return new, [], show(new, [], ed), describe([])
 
-        editor.upload(on_upload, editor, [image_state, points_state, view, points_md])
+        for trigger in (editor.upload, editor.change):
+            trigger(on_editor, [image_state, points_state, editor], [image_state, points_state, view, points_md],
+                    show_progress="hidden")
 
         def on_open(path: str | None):
             """Any file may be picked here; what is not a (sane) image gets a message instead of silence."""
@@ -176,14 +185,6 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
             return value, image, [], show(image, [], None), describe([])
 
         opener.upload(on_open, opener, [editor, image_state, points_state, view, points_md])
-
-        def on_brush(image, points, ed):
-            bg = (ed or {}).get("background")
-            if image is None or bg is None or (bg.shape[1], bg.shape[0]) != image.size:
-                return gr.skip()  # the page-load change, or a new upload that on_upload handles
-            return show(image, points, ed)
-
-        editor.change(on_brush, [image_state, points_state, editor], view, show_progress="hidden")
 
         def on_click(image, points, ed, evt: gr.SelectData):
             if image is None:
@@ -312,4 +313,5 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
             return f"Saved the input as Drag100 sample `{folder}`."
 
         save_btn.click(on_save, [image_state, points_state, editor, sample_name], status)
+        page.load(lambda: "Ready.", None, status, show_progress="hidden")  # the page's events are connected
     return page
