@@ -73,7 +73,9 @@ def server(tiny_backbone, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     old_tmp = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")
-    registry = Registry(make_plugin_manager(extra_plugins=[ProbePlugin()]))
+    pm = make_plugin_manager()
+    pm.register(ProbePlugin(), name="ui-test-plugin")
+    registry = Registry(pm)
     pool = EditorPool(registry)
     pool.adopt(tiny_backbone, "tiny-random", device="cpu")
     settings = UiSettings(model="tiny-random", device="cpu", lora="off", width=32, out=root / "runs",
@@ -197,6 +199,22 @@ def test_edit_in_the_browser(page, server, tmp_path):
         expect(download(page, name)).to_be_visible()
     expect(page.locator("#compare img").first).to_be_visible()
 
+    page.locator("#drag-again").click()  # multi-round editing: the result is the next input
+    expect(page.locator("#status")).to_contain_text("The result is the new input")
+    expect(page.locator("#points-list")).to_have_text("No points yet.")
+    click(page, 0.2, 0.2, "click its target")
+    click(page, 0.3, 0.3, "Pairs: 1:")
+    page.get_by_text("Save the input as a benchmark sample").click()
+    page.locator("#sample-name textarea, #sample-name input").first.fill("cat_1")
+    page.locator("#save-sample").click()
+    expect(page.locator("#status")).to_contain_text("Saved the input as Drag100 sample")
+    from gooddrag.plugins.datasets.drag100 import Drag100
+
+    sample = Drag100.load(settings.samples / "cat_1")
+    result = Image.open(sorted(settings.out.glob("*/result.png"), key=lambda q: q.stat().st_mtime)[-1])
+    assert np.array_equal(np.asarray(sample.image), np.asarray(result.convert("RGB")))  # the new input
+    assert sample.mask.any() and not sample.mask.all() and len(sample.pairs) == 1  # the brushed mask was kept
+
 
 def test_bad_input_shows_a_message_and_the_next_edit_works(page, server, tmp_path):
     _, settings = server
@@ -210,7 +228,7 @@ def test_bad_input_shows_a_message_and_the_next_edit_works(page, server, tmp_pat
     upload(page, EXAMPLE)
     click(page, 0.3, 0.3, "click its target")
     page.locator("#run").click()
-    expect(page.get_by_text("1 points, an odd number").first).to_be_visible()
+    expect(page.get_by_text("1 point, an odd number").first).to_be_visible()
     snap(page, tmp_path, "ui-bad-input.png")
 
     click(page, 0.5, 0.4, "Pairs: 1:")

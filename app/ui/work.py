@@ -87,7 +87,7 @@ def pairs_from_clicks(points: Sequence[Sequence[float]]) -> list[Pair]:
     if not points:
         raise BadInputError("no points: click a handle (red) on the image, then its target (blue)")
     if len(points) % 2:
-        raise BadInputError(f"{len(points)} points, an odd number: handle {len(points) // 2 + 1} has no target; "
+        raise BadInputError(f"{len(points)} point{'s' if len(points) > 1 else ''}, an odd number: handle {len(points) // 2 + 1} has no target; "
                             "click its target or undo the last point")
     return [((float(points[i][0]), float(points[i][1])), (float(points[i + 1][0]), float(points[i + 1][1])))
             for i in range(0, len(points), 2)]
