@@ -89,6 +89,24 @@ def test_controls_follow_the_field_types_and_give_typed_overrides():
     assert build_params("tracker", _Probe, pc.overrides([5, 0.25, "b", True, ""])).limit is None
 
 
+def test_every_builtin_control_holds_its_default():
+    """The browser snaps a slider to its step grid: a default off the grid would silently change."""
+    gr = pytest.importorskip("gradio")
+    from gooddrag.app.ui.controls import ParamControls
+
+    reg = default_registry()
+    with gr.Blocks():
+        for kind in ("schedule", "loss", "tracker"):
+            for _, comp in reg.items(kind):
+                pc = ParamControls(kind, comp)
+                for spec, c in zip(pc.specs, pc.controls):
+                    if isinstance(c, gr.Slider):
+                        k = (spec.default - c.minimum) / c.step
+                        assert abs(k - round(k)) < 1e-9, (comp.name, spec.field)
+                    if isinstance(c, (gr.Slider, gr.Number)):
+                        assert c.value == spec.default, (comp.name, spec.field)
+
+
 def test_clicks_become_pairs_or_one_line_messages():
     from gooddrag.app.ui.work import pairs_from_clicks
 

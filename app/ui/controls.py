@@ -3,6 +3,7 @@ registered schedule, loss and tracker (a third-party plugin's too) gets its cont
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from gooddrag.core.config import Preset
@@ -24,11 +25,19 @@ def make_control(spec: ParamSpec, kind: str, value: Any) -> Any:
     if spec.type is str:
         return gr.Textbox(value=value, **common)
     integer = spec.type is int
-    if spec.minimum is not None and spec.maximum is not None and not integer:
-        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value,
-                         step=(spec.maximum - spec.minimum) / 100, **common)
+    step = 1 if integer else _step(value)
+    if not integer and spec.minimum is not None and spec.maximum is not None and spec.maximum - spec.minimum <= 1:
+        # a fraction: a slider, on a grid that holds the default exactly (the browser snaps to the grid)
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value, step=min(0.01, step), **common)
     return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, precision=0 if integer else None,
-                     step=1 if integer else 0.001, **common)
+                     step=step, **common)
+
+
+def _step(value: Any) -> float:
+    """A tenth of the default's leading decimal (0.02 -> 0.001, 5e-4 -> 1e-5, 2.0 -> 0.1); 0.01 for 0."""
+    if not isinstance(value, (int, float)) or not value:
+        return 0.01
+    return 10.0 ** (math.floor(math.log10(abs(value))) - 1)
 
 
 def _text(value: Any) -> str:

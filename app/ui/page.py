@@ -14,7 +14,8 @@ from PIL import Image
 
 from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
-from gooddrag.core.config import STRATEGY_KINDS, resolve_config, _LoraSettings
+from gooddrag.core.config import STRATEGY_KINDS, resolve_config
+from gooddrag.core.lora import LoraParams
 from gooddrag.core.errors import GoodDragError
 from gooddrag.core.inputs import prepare_input
 from gooddrag.core.registry import Registry
@@ -47,6 +48,13 @@ class UiSettings:
 def _doc(comp: Any) -> str:
     lines = (comp.__doc__ or "").strip().splitlines()
     return lines[0] if lines else ""
+
+
+class _Lora:
+    """The per-image LoRA settings, shown with the same generated controls as the components."""
+
+    name = "lora"
+    Params = LoraParams
 
 
 def _xy(p: Any) -> str:
@@ -122,7 +130,7 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                 lora_path = gr.Textbox(value="" if settings.lora in ("auto", "off") else settings.lora,
                                        label="LoRA path", elem_id="lora-path")
             with gr.Row():
-                lora_pc = ParamControls("lora", _LoraSettings, preset0)
+                lora_pc = ParamControls("lora", _Lora, preset0)
         with gr.Accordion("Run settings", open=False):
             with gr.Row():
                 width = gr.Number(settings.width, label="working width", precision=0, minimum=16, step=8,
