@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import click
 import typer
+from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
@@ -45,7 +46,9 @@ def _main(
 def edit(
     image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
-    points_file: Optional[Path] = typer.Option(None, "--points-file", help='{"points": [[x,y],...]}: handle, target, ...'),
+    points_file: Optional[Path] = typer.Option(None, "--points-file",
+                                               help=escape('JSON file {"points": [[hx,hy], [tx,ty], ...]}: handle, target, '
+                                                           'handle, target, ... in image pixels.')),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
     model: str = O.MODEL,
     vae: str = O.VAE,
@@ -62,7 +65,11 @@ def edit(
     faithful: bool = O.FAITHFUL,
     seed: int = O.SEED,
     width: int = O.WIDTH,
-    gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
+    gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
+                             "predicts, with targets (blue), original handles (red) and current handles (green)."),
+    frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
+    mp4: bool = typer.Option(False, "--mp4", help="Also write the animation as drag.mp4 (needs the video extra: "
+                             "pip install 'gooddrag[video]')."),
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = O.OUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
@@ -87,13 +94,15 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, clear_partials, staging, write_result_files
+    from gooddrag.plugins.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
+    from gooddrag.plugins.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
 
-    check_output_set(out, [*RESULT_FILES, *(["drag.gif"] if gif else []), *(["trace.jsonl"] if trace else [])],
-                     {"image": image, "mask": mask, "points file": points_file})
+    # a new edit replaces (or removes) every name of the output set, so none may be an input
+    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
+    if mp4 and not video_writer_available():
+        raise BadInputError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
     O.silence_libraries()
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.gif import GifWriter
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter
 
@@ -101,10 +110,10 @@ def edit(
                                     faithful=faithful, registry=reg)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
-    with staging(out) as tmp:
-        plugins: list = []
+    removed: list[str] = []
+    with staging(out, replaces=OUTPUT_NAMES, removed=removed) as tmp:
         tracer = TraceWriter(tmp / "trace.jsonl") if trace else None
-        gifw = GifWriter(editor.backbone, inp.size) if gif else None
+        gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
         try:
@@ -119,8 +128,15 @@ def edit(
         result.report["input"] = {"image": str(image), "mask": str(mask) if mask else None,
                                   "points_file": str(points_file) if points_file else None}
         write_result_files(tmp, inp.image, result)
-        if gifw:
-            gifw.save(tmp / "drag.gif", result.image)
+        if gif:
+            gifw.save_gif(tmp / "drag.gif", result.image, result.points)
+        if frames:
+            gifw.save_frames(tmp / "frames", result.image, result.points)
+        if mp4:
+            gifw.save_mp4(tmp / "drag.mp4", result.image, result.points)
+    if removed:
+        typer.echo(f"warning: removed {', '.join(sorted(removed))} of the previous edit in {out} "
+                   "(an edit replaces all its output files)", err=True)
     r = result.report
     for note in r["warnings"][len(inp.warnings):]:  # raised during the edit (a damaged LoRA cache retrained, ...)
         typer.echo(f"warning: {note}", err=True)

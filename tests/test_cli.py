@@ -119,8 +119,10 @@ def _edit(img, out, capsys, *extra, opts=FAST):
 
 
 def test_edit_writes_every_output(img, tmp_path, capsys):
-    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif")
-    assert sorted(p.name for p in out.iterdir()) == ["drag.gif", "points.png", "result.png", "run.json", "trace.jsonl"]
+    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif", "--frames")
+    assert sorted(p.name for p in out.iterdir()) == ["drag.gif", "frames", "points.png", "result.png", "run.json",
+                                                     "trace.jsonl"]
+    assert len(list((out / "frames").iterdir())) == Image.open(out / "drag.gif").n_frames
     assert Image.open(out / "result.png").size == (48, 32)
     assert Image.open(out / "points.png").size == (2 * 48 + 8, 32)
     assert Image.open(out / "drag.gif").n_frames >= 2
@@ -137,6 +139,30 @@ def test_edit_writes_every_output(img, tmp_path, capsys):
     assert set(track) == {"event", "timestep", "drag", "points"} and len(track["points"][0]) == 2
     assert events[-1]["event"] == "stop" and events[-1]["reason"] in {"reached", "patience", "schedule_end"}
     assert sum(e["event"] == "step" for e in events) == run_json["gradient_steps"]
+
+
+def test_a_new_edit_replaces_the_whole_output_set_of_the_last(img, tmp_path, capsys):
+    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif", "--frames")
+    (out / "notes.txt").write_text("mine")  # not an edit output: kept
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "points.png", "result.png", "run.json"]
+    assert f"warning: removed drag.gif, frames, trace.jsonl of the previous edit in {out}" in err
+
+
+def test_mp4_without_a_video_writer_is_refused_before_loading(img, tmp_path, capsys, no_model, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_av(name, *a, **k):
+        if name == "av":
+            raise ImportError("no av")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", "--mp4", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--mp4 needs a video writer" in err and "gooddrag[video]" in err
 
 
 def test_strategies_change_the_trace_and_runs_are_byte_identical(img, tmp_path, capsys):
@@ -169,7 +195,7 @@ def test_failed_edit_leaves_no_partial_output(img, tmp_path, capsys, monkeypatch
 
 
 def test_mask_and_points_file(img, tmp_path, capsys):
-    (tmp_path / "p.json").write_text(json.dumps({"points": [[8, 8], [30, 20], [40, 25], [35, 10]]}))
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[8, 8], [30, 20], [33, 25], [28, 10]]}))
     m = np.zeros((32, 48), np.uint8)
     m[:, :36] = 255
     Image.fromarray(m).save(tmp_path / "mask.png")
