@@ -15,7 +15,7 @@ from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
-from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Point-based drag editing with diffusion models (GoodDrag, DragDiffusion).")
@@ -86,11 +86,13 @@ def edit(
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
+    if not pairs:
+        raise BadInputError("no points given; pass --points HX,HY:TX,TY or --points-file points.json")
     inp = prepare_input(image, pairs, mask, width=width)
-    for note in inp.warnings:
-        typer.echo(f"warning: {note}", err=True)
+    for note in inp.warnings:  # shown once: the edit below warns the same notes again
+        warnings.warn(note, GoodDragWarning)
     if dry_run:
-        typer.echo(cfg.to_json())
+        typer.echo(json.dumps({**cfg.to_dict(), "sources": dict(cfg.sources)}, indent=2))
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
@@ -138,10 +140,8 @@ def edit(
         typer.echo(f"warning: removed {', '.join(sorted(removed))} of the previous edit in {out} "
                    "(an edit replaces all its output files)", err=True)
     r = result.report
-    for note in r["warnings"][len(inp.warnings):]:  # raised during the edit (a damaged LoRA cache retrained, ...)
-        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
-               f"final handles {r['final_handles']})")
+               f"final handles {r['final_handles_xy']})")
 
 
 @app.command()
@@ -159,21 +159,35 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
     for name, info in sorted(reg.infos.items()):
         what = (f"{info.reason}; {info.fix}" if info.status == "broken"
                 else ", ".join(f"{k} {n}" for k, n in info.components) or "(nothing)")
-        found.add_row(name, info.status, info.source, what)
+        found.add_row(name, info.status, escape(info.source), escape(what))
     console.print(found)
     table = Table("kind", "name", "plugin", "description", *(["params (default) - help"] if params else []),
                   show_lines=params)
     for kind in KINDS:
         for name, comp in reg.items(kind):
-            doc = (comp.doc if kind == "preset" else (comp.__doc__ or "")).strip().splitlines()
-            row = [kind, name, reg.owner(kind, name), doc[0] if doc else ""]
+            doc = comp.doc if kind == "preset" else (comp.__doc__ or "")
+            row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
                     row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
                 else:
-                    row.append("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)) or "(none)")
+                    row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
+                               or "(none)")
             table.add_row(*row)
+    if params:  # settings that are not a component's but are set the same way (-p lora.rank=8)
+        from gooddrag.core.lora import LoraParams
+
+        class _Lora:
+            Params = LoraParams
+
+        table.add_row("lora", "(per-image LoRA)", "gooddrag", _first_paragraph(LoraParams.__doc__ or ""),
+                      escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(_Lora))))
     console.print(table)
+
+
+def _first_paragraph(doc: str) -> str:
+    """A docstring's opening paragraph on one line (a wrapped sentence must not be cut at the wrap)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 @app.command()
@@ -217,19 +231,24 @@ app.command()(score)
 
 @contextlib.contextmanager
 def _plugin_warnings_as_lines():
-    """A skipped plugin is reported as one ``warning: ...`` line on stderr, not a Python warning."""
+    """A skipped plugin or a GoodDragWarning is one ``warning: ...`` line on stderr, each message once
+    per command (a bench resolves the same config for every sample)."""
     from gooddrag.core.registry import PluginWarning, set_disabled
 
     shown = warnings.showwarning
+    seen: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
-            typer.echo(f"warning: {message}", err=True)
+        if issubclass(category, (PluginWarning, GoodDragWarning)):
+            if str(message) not in seen:
+                seen.add(str(message))
+                typer.echo(f"warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", PluginWarning)
+        warnings.simplefilter("always", GoodDragWarning)
         warnings.showwarning = show
         try:
             yield

@@ -33,12 +33,12 @@ def test_explicit_vae_folder_is_used_and_recorded():
 def test_missing_vae_and_model_are_one_line_errors(tmp_path):
     with pytest.raises(ModelNotFoundError) as exc:
         TinyRandomBackbone.load(vae=str(tmp_path / "no-vae"), device="cpu")
-    assert "--vae" in str(exc.value) and "\n" not in str(exc.value)
+    assert "VAE" in str(exc.value) and "--" not in str(exc.value) and "\n" not in str(exc.value)
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelNotFoundError) as exc:
         Editor.from_pretrained(str(bogus), device="cpu")
-    assert str(bogus) in str(exc.value) and "--model" in str(exc.value)
+    assert str(bogus) in str(exc.value) and "model" in str(exc.value) and "--" not in str(exc.value)
     with pytest.raises(ModelNotFoundError, match="no such folder or file"):
         Editor.from_pretrained(str(tmp_path / "nothing-here"), device="cpu")
 

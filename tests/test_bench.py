@@ -99,11 +99,11 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
         for f in ("result.png", "points.png", "run.json"):
             assert (out / "samples" / sid / f).is_file()
     assert rows["nature_1"]["n_pairs"] == "3"
-    finals = json.loads(rows["nature_1"]["final_handles"])
+    finals = json.loads(rows["nature_1"]["final_handles_xy"])
     assert len(finals) == 3 and finals[2] == [40, 4]
     run = json.loads((out / "samples" / "nature_1" / "run.json").read_text())
-    assert run["bench"]["dragged_pairs"] == [0, 1] and len(run["final_handles"]) == 2
-    assert run["bench"]["final_handles_all_pairs"] == finals and run["bench"]["sample"] == "nature_1"
+    assert run["bench"]["dragged_pairs"] == [0, 1] and len(run["final_handles_xy"]) == 2
+    assert run["bench"]["final_handles_xy_all_pairs"] == finals and run["bench"]["sample"] == "nature_1"
     assert rows["cat_0"]["group"] == "animal" and rows["car_2"]["group"] == "object"
     assert not (out / "samples" / "car_2").exists()  # a failed edit leaves nothing behind
     summary = json.loads((out / "summary.json").read_text())
@@ -200,7 +200,7 @@ def test_bench_validates_everything_before_the_model_loads(d100, tmp_path, capsy
         (["--runner-param", "address=auto"], "bad runner parameter 'address=auto'; write it as runner.field=value"),
         (["--runner", "ray", "--runner-param", "ray.workers=-1"], "bad value for runner.workers: 'workers' must be >= 0"),
         (["--runner", "ray", "--runner-param", "ray.nope=1"], "unknown parameter runner.nope for runner 'ray'"),
-        (["--dtype", "fp8"], "--dtype 'fp8' is not supported"),
+        (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
         (["--lora", str(tmp_path / "missing-lora")], "no such file or folder"),
         (["--bogus"], "No such option: --bogus"),
     ]
@@ -285,7 +285,7 @@ def test_score_our_layout_and_dragbench_ids(tmp_path, capsys):
     assert {k: r["status"] for k, r in rows.items()} == {"animals/JH_1": "ok", "animals/JH_2": "ok",
                                                         "art_work/PJC_1": "failed", "art_work/PJC_2": "ok"}
     assert "result is 20x15 but the original is 40x30" in rows["art_work/PJC_1"]["error"]
-    assert rows["art_work/PJC_2"]["final_handles"] == "[[5, 8]]" and rows["art_work/PJC_2"]["time_drag_s"] == "1.5"
+    assert rows["art_work/PJC_2"]["final_handles_xy"] == "[[5, 8]]" and rows["art_work/PJC_2"]["time_drag_s"] == "1.5"
     for sid in ("animals/JH_1", "animals/JH_2", "art_work/PJC_2"):
         assert float(rows[sid]["dai_1"]) == pytest.approx(_unchanged_dai(samples[sid], 1), rel=1e-6)
     summary = json.loads((res / "summary.json").read_text())

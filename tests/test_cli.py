@@ -57,7 +57,8 @@ def test_dry_run_prints_config_with_override(img, capsys, no_model):
     (["-p", "loss.lam=abc"], "loss.lam"),
     (["--schedule", "zzz"], "unknown schedule 'zzz'"),
     (["--preset", "zzz"], "unknown preset 'zzz'"),
-    (["--dtype", "fp8"], "--dtype"),
+    (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
+    (["--device", "cuda:7"], "cuda:7"),
 ])
 def test_bad_config_is_one_line_without_traceback(img, capsys, no_model, extra, needle):
     code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", *extra], capsys)
@@ -85,7 +86,7 @@ def _bad_inputs(tmp_path, img):
         ([img, "--points", "10,10:20,20", "--mask", tmp_path / "small_mask.png"], "mask is 10x10 but the image is 48x32"),
         ([img], "no points given"),
         ([img, "--points", "10,10"], "HX,HY:TX,TY"),
-        ([img, "--points", "10,10:20,20", "--lora", tmp_path / "none.safetensors"], "--lora"),
+        ([img, "--points", "10,10:20,20", "--lora", tmp_path / "none.safetensors"], "no such file or folder"),
         ([img, "--points", "10,10:20,20"], "--out DIR is required"),
     ]
 
@@ -103,7 +104,7 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path, img, capsys, no_m
 def test_offline_default_model_names_the_model_and_the_fix(img, tmp_path, capsys):
     code, _, err = run(["edit", img, "--points", "10,10:20,20", "--lora", "off", "--out", tmp_path / "o"], capsys)
     assert code == 2
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "--model DIR" in err and "Traceback" not in err
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "local copy" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -127,7 +128,7 @@ def test_edit_writes_every_output(img, tmp_path, capsys):
     assert Image.open(out / "points.png").size == (2 * 48 + 8, 32)
     assert Image.open(out / "drag.gif").n_frames >= 2
     run_json = json.loads((out / "run.json").read_text())
-    for key in ("config", "versions", "timings_s", "peak_memory_mb", "final_handles", "stop_reason", "device", "dtype"):
+    for key in ("config", "versions", "timings_s", "peak_memory_mb", "final_handles_xy", "stop_reason", "device", "dtype"):
         assert key in run_json, key
     assert set(run_json["timings_s"]) == {"lora", "inversion", "reference", "drag", "finish", "decode"}
     events = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
@@ -136,7 +137,7 @@ def test_edit_writes_every_output(img, tmp_path, capsys):
     step = next(e for e in events if e["event"] == "step")
     assert set(step) == {"event", "timestep", "drag", "step", "loss", "motion", "preserve"}
     track = next(e for e in events if e["event"] == "track")
-    assert set(track) == {"event", "timestep", "drag", "points"} and len(track["points"][0]) == 2
+    assert set(track) == {"event", "timestep", "drag", "points_grid_rc"} and len(track["points_grid_rc"][0]) == 2
     assert events[-1]["event"] == "stop" and events[-1]["reason"] in {"reached", "patience", "schedule_end"}
     assert sum(e["event"] == "step" for e in events) == run_json["gradient_steps"]
 
@@ -203,7 +204,8 @@ def test_mask_and_points_file(img, tmp_path, capsys):
                         "--out", tmp_path / "o", "--trace"], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert len(r["final_handles"]) == 2 and r["warnings"] == []
+    assert len(r["final_handles_xy"]) == 2 and r["warnings"] == []
+    assert len(r["final_handles_grid_rc"]) == 2 and {"handles_xy", "targets_xy"} <= set(r)
     preserve = [json.loads(l)["preserve"] for l in (tmp_path / "o" / "trace.jsonl").read_text().splitlines()
                 if '"step"' in l]
     assert any(p > 0 for p in preserve)  # the mask term is on
@@ -379,3 +381,44 @@ def test_ctrl_c_says_so(img, tmp_path, capsys, monkeypatch):
     code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
     assert code == 130 and "interrupted: no partial output was kept" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_points_outside_the_mask_warn_one_line_each(img, tmp_path, capsys, no_model):
+    m = np.zeros((32, 48), np.uint8)
+    m[:, :24] = 255  # left half editable
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    code, _, err = run(["edit", img, "--points", "8,8:20,20", "--points", "30,10:10,10", "--points", "5,5:40,20",
+                        "--mask", tmp_path / "mask.png", "--dry-run"], capsys)
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert lines == [
+        "warning: handle 2 at (30, 10) is outside the editable mask, where the image is held to the input, so the "
+        "content cannot move there cleanly; widen the mask to cover it",
+        "warning: target 3 at (40, 20) is outside the editable mask, where the image is held to the input, so the "
+        "content cannot move there cleanly; widen the mask to cover it"]
+
+
+def test_dry_run_says_where_every_value_came_from_and_warns_about_dropped_ones(img, capsys, no_model):
+    code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "--preset", "dragdiffusion",
+                          "--loss", "info-preserving", "-p", "loss.lam=0.3", "-p", "lora.rank=8", "--lora", "off",
+                          "-p", "backbone.feature_block=1"], capsys)
+    assert code == 0
+    sources = json.loads(out)["sources"]
+    assert sources["loss"] == "chosen" and sources["loss.lam"] == "override" and sources["loss.patch_radius"] == "default"
+    assert sources["tracker.radius"] == "preset dragdiffusion" and sources["backbone.feature_block"] == "override"
+    assert "warning: lora.rank has no effect: the LoRA is off" in err.splitlines()
+    assert json.loads(out)["backbone_params"]["feature_block"] == 1
+
+
+def test_help_and_plugin_table_are_readable(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # --help wraps at the terminal width
+    code, out, _ = run(["edit", "--help"], capsys)
+    assert code == 0 and '{"points": [[hx,hy], [tx,ty], ...]}' in out
+    from gooddrag.core.registry import default_registry
+
+    for name, comp in default_registry().items("metric"):  # whole descriptions, not cut at a line wrap
+        assert cli._first_paragraph(comp.__doc__).endswith(("is better.", "is better).")), name
+    code, out, _ = run(["plugins", "--params"], capsys)
+    assert "unet.up_blocks[i]" in out and "(per-image LoRA)" in out and "rank = 16" in out
+    for shorthand in ("(Q", "(T2)", "feature px", "r1:", "r2:", "SPEC"):
+        assert shorthand not in out, shorthand

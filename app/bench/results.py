@@ -24,7 +24,7 @@ from gooddrag.core.samples import Sample
 PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 #: config fields that change the result: a resumed sample must have been made with the same values
 METHOD_FIELDS = ("model", "preset", "schedule", "loss", "tracker", "schedule_params", "loss_params",
-                 "tracker_params", "lora", "lora_params", "seed", "dtype", "width")
+                 "tracker_params", "lora", "lora_params", "backbone_params", "seed", "dtype", "width")
 
 
 def sample_dir(root: Path, sample_id: str) -> Path:
@@ -77,8 +77,9 @@ def read_run_json(folder: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if (isinstance(data, dict) and "final_handles" in data
-                    and isinstance(data.get("config", {}), dict)) else None
+    ok = (isinstance(data, dict) and ("final_handles_xy" in data or "final_handles" in data)  # (or the earlier key)
+          and isinstance(data.get("config", {}), dict))
+    return data if ok else None
 
 
 def error_line(exc: BaseException) -> str:
@@ -94,7 +95,8 @@ def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
         return None
     bench = report.get("bench")
     bench = bench if isinstance(bench, dict) else {}
-    for pts in (bench.get("final_handles_all_pairs"), report.get("final_handles")):
+    for pts in (bench.get("final_handles_xy_all_pairs"), report.get("final_handles_xy"),
+                bench.get("final_handles_all_pairs"), report.get("final_handles")):  # (the last two: earlier keys)
         if (isinstance(pts, list) and len(pts) == n_pairs
                 and all(isinstance(p, list) and len(p) == 2
                         and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p) for p in pts)):
@@ -211,7 +213,7 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
     keys = metric_keys(rows, metrics)
     phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
     phases += sorted({p for r in rows for p in r["timings"]} - set(phases))
-    header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys] + ["final_handles", "time_total_s"]
+    header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys] + ["final_handles_xy", "time_total_s"]
               + [f"time_{p}_s" for p in phases] + (["resumed"] if resumed else []))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

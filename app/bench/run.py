@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -34,7 +35,7 @@ import attrs
 from PIL import Image
 
 from gooddrag.core.config import DEFAULT_MODEL
-from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
+from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
 from gooddrag.core.runners import JobLost, RunnerEvent
@@ -525,18 +526,20 @@ def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, plugins: list,
     try:
         if not keep:
             raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
-        res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
-                          schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
-                          overrides=list(opts.params), lora=opts.lora,
-                          prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
-                          plugins=plugins)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GoodDragWarning)  # the sample's input notes go to run.json only
+            res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
+                              schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
+                              overrides=list(opts.params), lora=opts.lora,
+                              prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
+                              plugins=plugins)
         finals = [[float(c) for c in h] for h, _ in sample.pairs]
         for i, f in zip(keep, res.points):
             finals[i] = list(f)
         res.report["bench"] = {"sample": sample.id, "group": sample.group, "dataset": dataset_name,
                                "dataset_folder": str(opts.dataset_dir),
-                               "pairs": [[list(h), list(t)] for h, t in sample.pairs],
-                               "dragged_pairs": keep, "final_handles_all_pairs": finals,
+                               "pairs_xy": [[list(h), list(t)] for h, t in sample.pairs],
+                               "dragged_pairs": keep, "final_handles_xy_all_pairs": finals,
                                "prompt": sample.prompt if opts.prompts else "", "worker": where}
         files = result_files(sample.image, res)
         return {"sample": sample, "error": None, "image": res.image, "report": res.report, "files": files,

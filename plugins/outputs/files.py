@@ -44,8 +44,8 @@ def draw_points(image: Image.Image, handles, targets, finals=None) -> Image.Imag
 
 def points_figure(original: Image.Image, result: Image.Image, report: dict) -> Image.Image:
     """Input with handles/targets beside the result with final handles."""
-    left = draw_points(original, report["handles"], report["targets"])
-    right = draw_points(result, report["handles"], report["targets"], report["final_handles"])
+    left = draw_points(original, report["handles_xy"], report["targets_xy"])
+    right = draw_points(result, report["handles_xy"], report["targets_xy"], report["final_handles_xy"])
     w, h = original.size
     fig = Image.new("RGB", (2 * w + 8, h), (255, 255, 255))
     fig.paste(left, (0, 0))
