@@ -15,7 +15,7 @@ from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
-from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning
+from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning, RequirementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Point-based drag editing with diffusion models (GoodDrag, DragDiffusion).")
@@ -102,7 +102,7 @@ def edit(
     # a new edit replaces (or removes) every name of the output set, so none may be an input
     check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
     if mp4 and not video_writer_available():
-        raise BadInputError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
+        raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
     O.silence_libraries()
     from gooddrag.core.editor import Editor
     from gooddrag.plugins.outputs.progress import ProgressDisplay

@@ -180,9 +180,11 @@ def _plots(out: Path, rows: list[dict], metrics: Sequence[Any], keys: list[tuple
             vals = [r["final_dist_px"] for r in dists if r["reached"] is reached]
             if vals:
                 ax.hist(vals, bins=min(20, max(5, len(dists))), range=(0, max(r["final_dist_px"] for r in dists) + 1e-9),
-                        color=colour, alpha=0.7, label=f"{label} (n={len(vals)})")
+                        color=colour, alpha=0.7, edgecolor="white", label=f"{label} (n={len(vals)})")
+                ax.plot(vals, [0] * len(vals), "|", color=colour, markersize=14, clip_on=False)  # each sample
         ax.set_xlabel("final handle-to-target distance, mean over the sample's pairs (image px)")
         ax.set_ylabel("samples")
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7, frameon=False)
         ax.set_title("where the handles ended", fontsize=10)
         path = out / "plot_drag.png"

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,7 +141,7 @@ def drag_summary(rows: Sequence[dict]) -> dict[str, Any]:
     if dists:
         q = lambda f: dists[min(len(dists) - 1, int(round(f * (len(dists) - 1))))]  # noqa: E731 (nearest rank)
         out["final_dist_px"] = {"n": len(dists), "mean": round(sum(dists) / len(dists), 3), "min": dists[0],
-                                "median": q(0.5), "p90": q(0.9), "max": dists[-1]}
+                                "median": round(statistics.median(dists), 3), "p90": q(0.9), "max": dists[-1]}
     return out
 
 
