@@ -420,5 +420,5 @@ def test_help_and_plugin_table_are_readable(capsys, monkeypatch):
         assert cli._first_paragraph(comp.__doc__).endswith(("is better.", "is better).")), name
     code, out, _ = run(["plugins", "--params"], capsys)
     assert "unet.up_blocks[i]" in out and "(per-image LoRA)" in out and "rank = 16" in out
-    for shorthand in ("(Q", "(T2)", "feature px", "r1:", "r2:", "SPEC"):
+    for shorthand in ("(Q", "(T2)", "feature px", "r1:", "r2:"):
         assert shorthand not in out, shorthand
