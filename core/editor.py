@@ -137,7 +137,7 @@ class Editor:
             z_start = b.invert(z0, start)
             if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
                 raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
-                                    f"LoRA ({lora_status}) are broken; try --lora off, or delete that LoRA")
+                                    f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
         with timer("reference"):
             ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
         handles, targets = (x.to(b.device) for x in inp.grid_points())
@@ -160,8 +160,8 @@ class Editor:
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
         if not bool(torch.isfinite(z).all()):
-            raise DivergedError("the latent became NaN/inf in the final denoising; lower -p schedule.lr, "
-                                "or try --dtype fp32")
+            raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
+                                "or try dtype fp32")
         with timer("decode"):
             x = b.decode(z)  # (1, 3, H, W) in [0, 1]
             arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")

@@ -186,7 +186,7 @@ class DragContext:
         drag timestep): a diverged drag would otherwise decode to a black image reported as success."""
         if not bool(torch.isfinite(z).all()):
             raise DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
-                                "lower -p schedule.lr or the loss weights (e.g. -p loss.lam)")
+                                "lower schedule.lr or the loss weights (e.g. loss.lam)")
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""

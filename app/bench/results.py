@@ -270,8 +270,8 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
         t = r["timings"]
         w.writerow([csv_text(r["id"]), csv_text(r["group"]), r["status"], csv_text(r["error"]), r["n_pairs"]]
                    + [fmt_cell(r["scores"].get(m, {}).get(k)) for m, k in keys]
-                   + [r["stop_reason"] or "", "" if r["reached"] is None else str(r["reached"]).lower(),
-                      fmt_cell(r["final_dist_px"])]
+                   + [r.get("stop_reason") or "", "" if r.get("reached") is None else str(r["reached"]).lower(),
+                      fmt_cell(r.get("final_dist_px"))]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       fmt_cell(round(sum(t.values()), 4)) if t else ""]
                    + [fmt_cell(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else []))
