@@ -1,7 +1,8 @@
 """gooddrag: point-based drag editing with diffusion models (GoodDrag, DragDiffusion).
 
-``from gooddrag import Editor, EditResult`` is the Python entry point. It is imported on first use,
-so the command line (``gooddrag --version``) starts without loading torch.
+``from gooddrag import Editor, EditResult`` is the Python entry point (``prepare_input`` validates an
+edit request without a model). They are imported on first use, so the command line
+(``gooddrag --version``) starts without loading torch. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Editor", "EditResult", "__version__"]
+__all__ = ["Editor", "EditResult", "prepare_input", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from gooddrag.core import editor
 
         return getattr(editor, name)
+    if name == "prepare_input":
+        from gooddrag.core.inputs import prepare_input
+
+        return prepare_input
     raise AttributeError(f"module 'gooddrag' has no attribute {name!r}")

@@ -11,10 +11,11 @@ from typing import List, Optional
 
 import click
 import typer
+from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
-from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning, RequirementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Point-based drag editing with diffusion models (GoodDrag, DragDiffusion).")
@@ -45,7 +46,9 @@ def _main(
 def edit(
     image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
-    points_file: Optional[Path] = typer.Option(None, "--points-file", help='{"points": [[x,y],...]}: handle, target, ...'),
+    points_file: Optional[Path] = typer.Option(None, "--points-file",
+                                               help=escape('JSON file {"points": [[hx,hy], [tx,ty], ...]}: handle, target, '
+                                                           'handle, target, ... in image pixels.')),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
     model: str = O.MODEL,
     vae: str = O.VAE,
@@ -62,7 +65,11 @@ def edit(
     faithful: bool = O.FAITHFUL,
     seed: int = O.SEED,
     width: int = O.WIDTH,
-    gif: bool = typer.Option(False, "--gif", help="Also write drag.gif (one frame per drag)."),
+    gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
+                             "predicts, with targets (blue), original handles (red) and current handles (green)."),
+    frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
+    mp4: bool = typer.Option(False, "--mp4", help="Also write the animation as drag.mp4 (needs the video extra: "
+                             "pip install 'gooddrag[video]')."),
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = O.OUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
@@ -79,21 +86,25 @@ def edit(
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
+    if not pairs:
+        raise BadInputError("no points given; pass --points HX,HY:TX,TY or --points-file points.json")
     inp = prepare_input(image, pairs, mask, width=width)
-    for note in inp.warnings:
-        typer.echo(f"warning: {note}", err=True)
+    for note in inp.warnings:  # shown once: the edit below warns the same notes again
+        warnings.warn(note, GoodDragWarning)
     if dry_run:
-        typer.echo(cfg.to_json())
+        typer.echo(json.dumps({**cfg.to_dict(), "sources": dict(cfg.sources)}, indent=2))
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import RESULT_FILES, check_output_set, clear_partials, staging, write_result_files
+    from gooddrag.plugins.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
+    from gooddrag.plugins.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
 
-    check_output_set(out, [*RESULT_FILES, *(["drag.gif"] if gif else []), *(["trace.jsonl"] if trace else [])],
-                     {"image": image, "mask": mask, "points file": points_file})
+    # a new edit replaces (or removes) every name of the output set, so none may be an input
+    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
+    if mp4 and not video_writer_available():
+        raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
     O.silence_libraries()
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.gif import GifWriter
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter
 
@@ -101,10 +112,10 @@ def edit(
                                     faithful=faithful, registry=reg)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
-    with staging(out) as tmp:
-        plugins: list = []
+    removed: list[str] = []
+    with staging(out, replaces=OUTPUT_NAMES, removed=removed) as tmp:
         tracer = TraceWriter(tmp / "trace.jsonl") if trace else None
-        gifw = GifWriter(editor.backbone, inp.size) if gif else None
+        gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
         try:
@@ -119,13 +130,18 @@ def edit(
         result.report["input"] = {"image": str(image), "mask": str(mask) if mask else None,
                                   "points_file": str(points_file) if points_file else None}
         write_result_files(tmp, inp.image, result)
-        if gifw:
-            gifw.save(tmp / "drag.gif", result.image)
+        if gif:
+            gifw.save_gif(tmp / "drag.gif", result.image, result.points)
+        if frames:
+            gifw.save_frames(tmp / "frames", result.image, result.points)
+        if mp4:
+            gifw.save_mp4(tmp / "drag.mp4", result.image, result.points)
+    if removed:
+        typer.echo(f"warning: removed {', '.join(sorted(removed))} of the previous edit in {out} "
+                   "(an edit replaces all its output files)", err=True)
     r = result.report
-    for note in r["warnings"][len(inp.warnings):]:  # raised during the edit (a damaged LoRA cache retrained, ...)
-        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
-               f"final handles {r['final_handles']})")
+               f"final handles {r['final_handles_xy']})")
 
 
 @app.command()
@@ -143,21 +159,35 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
     for name, info in sorted(reg.infos.items()):
         what = (f"{info.reason}; {info.fix}" if info.status == "broken"
                 else ", ".join(f"{k} {n}" for k, n in info.components) or "(nothing)")
-        found.add_row(name, info.status, info.source, what)
+        found.add_row(name, info.status, escape(info.source), escape(what))
     console.print(found)
     table = Table("kind", "name", "plugin", "description", *(["params (default) - help"] if params else []),
                   show_lines=params)
     for kind in KINDS:
         for name, comp in reg.items(kind):
-            doc = (comp.doc if kind == "preset" else (comp.__doc__ or "")).strip().splitlines()
-            row = [kind, name, reg.owner(kind, name), doc[0] if doc else ""]
+            doc = comp.doc if kind == "preset" else (comp.__doc__ or "")
+            row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
                     row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
                 else:
-                    row.append("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)) or "(none)")
+                    row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
+                               or "(none)")
             table.add_row(*row)
+    if params:  # settings that are not a component's but are set the same way (-p lora.rank=8)
+        from gooddrag.core.lora import LoraParams
+
+        class _Lora:
+            Params = LoraParams
+
+        table.add_row("lora", "(per-image LoRA)", "gooddrag", _first_paragraph(LoraParams.__doc__ or ""),
+                      escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(_Lora))))
     console.print(table)
+
+
+def _first_paragraph(doc: str) -> str:
+    """A docstring's opening paragraph on one line (a wrapped sentence must not be cut at the wrap)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 @app.command()
@@ -201,19 +231,24 @@ app.command()(score)
 
 @contextlib.contextmanager
 def _plugin_warnings_as_lines():
-    """A skipped plugin is reported as one ``warning: ...`` line on stderr, not a Python warning."""
+    """A skipped plugin or a GoodDragWarning is one ``warning: ...`` line on stderr, each message once
+    per command (a bench resolves the same config for every sample)."""
     from gooddrag.core.registry import PluginWarning, set_disabled
 
     shown = warnings.showwarning
+    seen: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
-            typer.echo(f"warning: {message}", err=True)
+        if issubclass(category, (PluginWarning, GoodDragWarning)):
+            if str(message) not in seen:
+                seen.add(str(message))
+                typer.echo(f"warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", PluginWarning)
+        warnings.simplefilter("always", GoodDragWarning)
         warnings.showwarning = show
         try:
             yield

@@ -3,8 +3,6 @@ quiet start-up both use."""
 
 from __future__ import annotations
 
-import os
-
 from typing import List, Optional
 
 import typer
@@ -17,7 +15,8 @@ PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dr
 SCHEDULE = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's).")
 LOSS = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's).")
 TRACKER = typer.Option(None, "--tracker", help="Point tracker (default: the preset's).")
-PARAM = typer.Option([], "-p", "--param", help="Override kind.field=value (schedule/loss/tracker/lora), repeatable.")
+PARAM = typer.Option([], "-p", "--param", help="Set a parameter as kind.field=value, kind one of schedule, loss, tracker, "
+                     "lora, backbone (see 'gooddrag plugins --params'); repeatable.")
 LORA = typer.Option("auto", "--lora", help="auto (train once per image, cached), off, or a LoRA path.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>.")
 DTYPE = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16.")
@@ -30,22 +29,13 @@ OUT = typer.Option(None, "--out", help="Output folder.")
 
 
 def silence_libraries() -> None:
-    """Library chatter (deprecations, torchvision notices) is not ours to show."""
+    """Library chatter (deprecations, hub notices, progress bars) is not ours to show."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
+    from gooddrag.plugins.backbones.quiet import quiet_libraries
 
-        transformers.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
 
 
 __all__ = ["MODEL", "VAE", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "DEVICE", "DTYPE", "ATTENTION",

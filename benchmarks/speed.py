@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> None:
            "timings_s": rep["timings_s"], "total_s": round(sum(rep["timings_s"].values()), 3),
            "gradient_steps": rep["gradient_steps"], "drags": rep["drags"],
            "drag_step_s": round(rep["timings_s"]["drag"] / max(1, rep["gradient_steps"]), 4),
-           "final_handles": rep["final_handles"], "lora": rep["lora"].split(" ")[0],
+           "final_handles": rep["final_handles_xy"], "lora": rep["lora"].split(" ")[0],
            "peak_memory_mb": rep["peak_memory_mb"] if args.device.startswith("cuda") else None}
     Path(args.result + ".json").write_text(json.dumps(row))
 

@@ -1,18 +1,21 @@
 """Presets and the resolved, validated, frozen ``EditConfig``.
 
 A config is resolved before any model loads: preset -> chosen components -> preset parameter values
-(only for the preset's own components) -> ``-p kind.field=value`` overrides -> validation.
+(only for the preset's own components) -> ``kind.field=value`` overrides -> validation. The config
+remembers where each value came from (``sources``) and what the user should hear about (``notes``:
+preset values dropped because a component was swapped, overrides that cannot apply).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import attrs
 
-from gooddrag.core.errors import ConfigError
+from gooddrag.core.errors import ConfigError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict
 from gooddrag.core.registry import Registry
@@ -21,7 +24,11 @@ from gooddrag.core.registry import Registry
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
-OVERRIDE_KINDS = STRATEGY_KINDS + ("lora",)  # what `-p kind.field=value` may name
+OVERRIDE_KINDS = STRATEGY_KINDS + ("lora", "backbone")  # what a kind.field=value override may name
+#: the backbone used for any model that is not itself a registered backbone name (hub id, folder, file)
+DEFAULT_BACKBONE = "stable-diffusion"
+#: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
+LORA_PATH_FIELDS = ("fuse",)
 DEVICES_HELP = "auto, cpu, cuda or cuda:<index>"
 
 
@@ -58,6 +65,11 @@ class EditConfig:
     seed: int = 0
     width: int = 512
     faithful: bool = False  # the reference code path: no fast paths (slower; same result up to rounding)
+    backbone_params: Any = None
+    #: where each value came from: {"loss": "preset gooddrag", "loss.lam": "override", ...}
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+    #: one-line warnings about this config (also issued as GoodDragWarning)
+    notes: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
     def params(self, kind: str) -> Any:
         return getattr(self, f"{kind}_params")
@@ -65,6 +77,8 @@ class EditConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in attrs.fields(EditConfig):
+            if f.name in ("sources", "notes"):
+                continue
             v = getattr(self, f.name)
             out[f.name] = params_to_dict(v) if attrs.has(type(v)) else v
         return out
@@ -80,7 +94,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, str]]:
         key, sep, value = item.partition("=")
         kind, dot, field = key.strip().partition(".")
         if not sep or not dot or not field or not kind:
-            raise ConfigError(f"bad override {item!r}; write it as kind.field=value, e.g. -p loss.lam=0.1")
+            raise ConfigError(f"bad override {item!r}; write it as kind.field=value, e.g. loss.lam=0.1")
         if kind not in OVERRIDE_KINDS:
             raise ConfigError(f"bad override {item!r}: unknown kind {kind!r}; use one of {', '.join(OVERRIDE_KINDS)}")
         out.setdefault(kind, {})[field] = value.strip()
@@ -95,23 +109,67 @@ def resolve_config(
     loss: str | None = None,
     tracker: str | None = None,
     overrides: Sequence[str] | Mapping[str, Mapping[str, Any]] = (),
+    backbone: str | type | None = None,
     **runtime: Any,
 ) -> EditConfig:
-    """Resolve and validate a config. Raises ConfigError (one line, names the culprit)."""
+    """Resolve and validate a config. Raises ConfigError (one line, names the culprit); each note
+    (see EditConfig.notes) is also issued as a GoodDragWarning. ``backbone`` is the backbone
+    component (class or registered name) whose parameters ``backbone.*`` overrides set; by default
+    the one ``runtime['model']`` selects."""
     pre: Preset = registry.get("preset", preset)
     chosen = {"schedule": schedule or pre.schedule, "loss": loss or pre.loss, "tracker": tracker or pre.tracker}
     given = parse_overrides(overrides) if not isinstance(overrides, Mapping) else {k: dict(v) for k, v in overrides.items()}
     resolved: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    notes: list[str] = []
     for kind in STRATEGY_KINDS:
         comp = registry.get(kind, chosen[kind])
+        own = chosen[kind] == getattr(pre, kind)
+        sources[kind] = f"preset {preset}" if own else "chosen"
+        preset_values = dict(pre.params.get(kind, {}))
         values: dict[str, Any] = {}
-        if chosen[kind] == getattr(pre, kind):
-            values.update(pre.params.get(kind, {}))
+        if own:
+            values.update(preset_values)
+        elif preset_values:
+            dropped = ", ".join(f"{kind}.{k}={v}" for k, v in preset_values.items())
+            notes.append(f"{kind} {chosen[kind]!r} replaces preset {preset}'s {getattr(pre, kind)!r}, so the preset's "
+                         f"values for it are not used ({dropped}); set any you want as overrides")
         values.update(given.get(kind, {}))
-        resolved[f"{kind}_params"] = build_params(kind, comp, values)
-    resolved["lora_params"] = build_params("lora", _LoraSettings, {**pre.params.get("lora", {}), **given.get("lora", {})})
+        resolved[f"{kind}_params"] = built = build_params(kind, comp, values)
+        _sources(sources, kind, built, given.get(kind, {}), preset_values if own else {}, preset)
+    lora_preset, lora_given = dict(pre.params.get("lora", {})), given.get("lora", {})
+    resolved["lora_params"] = built = build_params("lora", _LoraSettings, {**lora_preset, **lora_given})
+    _sources(sources, "lora", built, lora_given, lora_preset, preset)
+    mode = runtime.get("lora", "auto")
+    idle = [k for k in lora_given if mode == "off" or (mode != "auto" and k not in LORA_PATH_FIELDS)]
+    if idle:
+        why = "the LoRA is off" if mode == "off" else "a trained LoRA is loaded from a path"
+        notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
+    bcomp = _backbone_component(registry, backbone, runtime.get("model", DEFAULT_MODEL))
+    if bcomp is None:
+        if given.get("backbone"):
+            raise ConfigError(f"backbone {backbone!r} is not registered, so backbone.* overrides cannot be checked")
+    else:
+        resolved["backbone_params"] = built = build_params("backbone", bcomp, given.get("backbone", {}))
+        _sources(sources, "backbone", built, given.get("backbone", {}), {}, preset)
     _check_runtime(runtime)
-    return EditConfig(preset=preset, **chosen, **resolved, **runtime)
+    for note in notes:
+        warnings.warn(note, GoodDragWarning, stacklevel=2)
+    return EditConfig(preset=preset, **chosen, **resolved, **runtime, sources=sources, notes=tuple(notes))
+
+
+def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_preset: Mapping, preset: str) -> None:
+    for field in params_to_dict(params):
+        out[f"{kind}.{field}"] = ("override" if field in given else f"preset {preset}" if field in from_preset
+                                  else "default")
+
+
+def _backbone_component(registry: Registry, backbone: str | type | None, model: str) -> type | None:
+    """The backbone class for ``backbone`` (class or name), else the one ``model`` selects."""
+    if isinstance(backbone, type):
+        return backbone
+    name = backbone or (model if model in registry.names("backbone") else DEFAULT_BACKBONE)
+    return registry.get("backbone", name) if name in registry.names("backbone") else None
 
 
 class _LoraSettings:
@@ -124,20 +182,24 @@ class _LoraSettings:
 def _check_runtime(runtime: Mapping[str, Any]) -> None:
     dtype = runtime.get("dtype", "fp32")
     if dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--dtype {dtype!r} is not supported; use fp32, fp16 or bf16")
+        raise ConfigError(f"dtype {dtype!r} is not supported; use fp32, fp16 or bf16")
     attention = runtime.get("attention", "auto")
     if attention not in ("auto", "sdpa", "xformers"):
-        raise ConfigError(f"--attention {attention!r} is not supported; use auto, sdpa or xformers")
+        raise ConfigError(f"attention {attention!r} is not supported; use auto, sdpa or xformers")
     device = runtime.get("device", "auto")
     base, _, index = device.partition(":")
     if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
-        raise ConfigError(f"--device {device!r} is not supported; use {DEVICES_HELP}")
+        raise ConfigError(f"device {device!r} is not supported; use {DEVICES_HELP}")
+    if base == "cuda":
+        from gooddrag.core.devices import resolve_device
+
+        resolve_device(device)  # a machine without that GPU is refused here, before any model loads
     width = runtime.get("width", 512)
     if not isinstance(width, int) or width < 16 or width % 8:
-        raise ConfigError(f"--width {width!r}: the working width must be a multiple of 8, at least 16")
+        raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
     lora = runtime.get("lora", "auto")
     if lora not in ("auto", "off") and not Path(lora).exists():
-        raise ConfigError(f"--lora {lora}: no such file or folder; pass auto, off or a LoRA path")
+        raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
     seed = runtime.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed {seed!r} must be a non-negative integer")
+        raise ConfigError(f"seed {seed!r} must be a non-negative integer")

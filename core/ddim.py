@@ -1,4 +1,4 @@
-"""DDIM sampling arithmetic (SPEC sections 2 and 4), independent of any model.
+"""DDIM sampling arithmetic (docs/method.md, "The model" and section 2), independent of any model.
 
 With "leading" spacing and steps_offset 1, 50 steps give t = 981, 961, ..., 1 and a stride of 20.
 The previous level of t is t - stride; below 0 it is alphas_cumprod[0] (set_alpha_to_one off).

@@ -17,7 +17,11 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RequirementError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+        raise RequirementError(f"device {device!r} asked for, but torch sees no CUDA device; use device cpu or auto")
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise RequirementError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA "
+                               f"device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 

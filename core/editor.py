@@ -4,6 +4,7 @@ one drag edit (LoRA, inversion, reference, drag, mutual-attention finish, decode
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import time
 import warnings
@@ -13,13 +14,15 @@ import attrs
 import torch
 from PIL import Image
 
-from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, resolve_config
+from gooddrag.core.config import DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, resolve_config
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
 from gooddrag.core.errors import ConfigError, DivergedError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
+
+log = logging.getLogger("gooddrag")
 
 
 @attrs.define
@@ -36,7 +39,7 @@ def select_backbone(registry: Registry, model: str) -> Any:
     (hub id, folder, file) goes to the ``stable-diffusion`` backbone."""
     if model in registry.names("backbone"):
         return registry.get("backbone", model)
-    return registry.get("backbone", "stable-diffusion")
+    return registry.get("backbone", DEFAULT_BACKBONE)
 
 
 class Editor:
@@ -50,13 +53,21 @@ class Editor:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, vae: str = "auto", device: str = "auto",
                         dtype: str = "fp32", attention: str = "auto", faithful: bool = False,
-                        registry: Registry | None = None) -> "Editor":
-        """Load the backbone once. ``faithful=True`` keeps the reference code path (no fast paths, no
-        TF32, default memory layout): slower, for checking that the fast paths change nothing."""
+                        registry: Registry | None = None, verbose: bool = False) -> "Editor":
+        """Load the backbone for ``model`` once. ``faithful=True`` keeps the reference code path (no
+        fast paths, no TF32, default memory layout): slower, for checking that the fast paths change
+        nothing. Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set
+        to errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
+        are. gooddrag's own warnings (``GoodDragWarning``) and log lines (logger ``gooddrag``) are not
+        affected."""
         registry = registry or default_registry()
-        backbone = select_backbone(registry, model).load(model, vae=vae, device=device, dtype=dtype, attention=attention)
+        component = select_backbone(registry, model)
+        if not verbose and callable(getattr(component, "quiet", None)):
+            component.quiet()
+        backbone = component.load(model, vae=vae, device=device, dtype=dtype, attention=attention)
         if not faithful and hasattr(backbone, "optimize"):
             backbone.optimize()
+        log.info("loaded %s on %s", model, backbone.device)
         return cls(backbone, registry, faithful=faithful)
 
     def config(self, **kwargs: Any) -> EditConfig:
@@ -64,7 +75,7 @@ class Editor:
         runtime = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device), attention=b.attention,
                        dtype=DTYPE_NAMES[b.dtype], faithful=self.faithful)
         runtime.update({k: kwargs.pop(k) for k in ("lora", "seed", "width") if k in kwargs})
-        return resolve_config(self.registry, **kwargs, **runtime)
+        return resolve_config(self.registry, backbone=type(b), **kwargs, **runtime)
 
     def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",
              schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
@@ -80,10 +91,22 @@ class Editor:
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
-        notes = list(inp.warnings)
+        for note in inp.warnings:
+            warnings.warn(note, GoodDragWarning, stacklevel=2)
+        self._configure_backbone(cfg.backbone_params)
+        notes = [*cfg.notes, *inp.warnings]
         with _registered(self.registry.pm, plugins), _recorded_warnings(notes), \
                 _tf32(not cfg.faithful and self.backbone.device.type == "cuda"):
             return self._run(cfg, inp, prompt, notes)
+
+    def _configure_backbone(self, params: Any) -> None:
+        b = self.backbone
+        if params is None or params == getattr(b, "params", params):
+            return
+        if not hasattr(b, "configure"):
+            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} cannot change its parameters "
+                              "after loading; leave backbone.* at the defaults")
+        b.configure(params)
 
     def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
         reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
@@ -114,7 +137,7 @@ class Editor:
             z_start = b.invert(z0, start)
             if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
                 raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
-                                    f"LoRA ({lora_status}) are broken; try --lora off, or delete that LoRA")
+                                    f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
         with timer("reference"):
             ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
         handles, targets = (x.to(b.device) for x in inp.grid_points())
@@ -137,8 +160,8 @@ class Editor:
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
         if not bool(torch.isfinite(z).all()):
-            raise DivergedError("the latent became NaN/inf in the final denoising; lower -p schedule.lr, "
-                                "or try --dtype fp32")
+            raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
+                                "or try dtype fp32")
         with timer("decode"):
             x = b.decode(z)  # (1, 3, H, W) in [0, 1]
             arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
@@ -149,10 +172,11 @@ class Editor:
             "prompt": prompt,
             "image_size": list(inp.size),
             "working_size": list(inp.work_size),
-            "handles": [list(h) for h, _ in inp.pairs],
-            "targets": [list(t) for _, t in inp.pairs],
-            "final_handles": final,
-            "final_handles_grid": ctx.points.handles.cpu().tolist(),
+            # *_xy: [x, y] pixels of the input image; *_grid_rc: (row, col) on the feature grid (H/2, W/2)
+            "handles_xy": [list(h) for h, _ in inp.pairs],
+            "targets_xy": [list(t) for _, t in inp.pairs],
+            "final_handles_xy": final,
+            "final_handles_grid_rc": ctx.points.handles.cpu().tolist(),
             "stop_reason": out.reason,
             "drags": out.drags,
             "gradient_steps": out.steps,
@@ -237,8 +261,8 @@ def _tf32(on: bool):
 
 @contextlib.contextmanager
 def _recorded_warnings(notes: list[str]):
-    """GoodDragWarnings raised during the edit (a damaged cache retrained, ...) go to ``notes`` (the
-    report's ``warnings``) as they happen; any other warning is shown as usual."""
+    """GoodDragWarnings raised during the edit (a damaged cache retrained, ...) also go to ``notes``
+    (the report's ``warnings``) as they happen; every warning is still shown as usual."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", GoodDragWarning)
         shown = warnings.showwarning
@@ -246,8 +270,7 @@ def _recorded_warnings(notes: list[str]):
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, GoodDragWarning):
                 notes.append(str(message))
-            else:
-                shown(message, category, filename, lineno, file, line)
+            shown(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         yield

@@ -1,9 +1,9 @@
 """The edit pipeline around a schedule: invert, cache the reference trajectory, drag, finish.
 
-    z_T  = DDIM-invert(z_0) to the schedule's start timestep          (SPEC 4)
-    ref  = plain DDIM from z_T over the drag window: F0_t, z0_{t-1}     (SPEC 4)
-    out  = schedule.run(ctx)            drags, tracks, stops            (SPEC 5 / 10)
-    z_0' = DDIM from out.next_index with mutual self-attention          (SPEC 9)
+    z_T  = DDIM-invert(z_0) to the schedule's start timestep          (method.md 2)
+    ref  = plain DDIM from z_T over the drag window: F0_t, z0_{t-1}     (method.md 2)
+    out  = schedule.run(ctx)            drags, tracks, stops            (method.md 3)
+    z_0' = DDIM from out.next_index with mutual self-attention          (method.md 6)
 
 Strategies only see ``DragContext``: the backbone, the reference, the loss, the tracker, the points,
 the mask and the event relay. Nothing here copies tensors to the host inside the loop except the
@@ -43,7 +43,7 @@ class Points:
         return (self.targets - self.handles).norm(dim=1)  # (N,)
 
     def reached(self, within: float) -> bool:
-        """All handles within ``within`` feature px of their targets (one host sync)."""
+        """All handles within ``within`` feature-grid px of their targets (one host sync)."""
         return bool((self.distances() < within).all())
 
 
@@ -59,7 +59,7 @@ class Outcome:
 
 
 class Reference:
-    """The unedited trajectory over the drag window, computed once (SPEC 4).
+    """The unedited trajectory over the drag window, computed once (docs/method.md, section 2).
 
     For every drag timestep t it keeps the low-resolution features (upsampled on demand, one map
     cached) and z0_{t-1}, the plain DDIM output; ``latents[k]`` is the reference latent at index k.
@@ -186,7 +186,7 @@ class DragContext:
         drag timestep): a diverged drag would otherwise decode to a black image reported as success."""
         if not bool(torch.isfinite(z).all()):
             raise DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
-                                "lower -p schedule.lr or the loss weights (e.g. -p loss.lam)")
+                                "lower schedule.lr or the loss weights (e.g. loss.lam)")
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""

@@ -30,8 +30,10 @@ class DivergedError(GoodDragError):
 
 
 class GoodDragWarning(UserWarning):
-    """Something was repaired or skipped and the user should know (a damaged cache retrained, a result
-    not cached); the editor records these in the run report and the CLI prints them."""
+    """Something the user should know: a request that will not do quite what was asked (a dropped
+    preset value, a setting that cannot apply, a point outside the editable mask) or something that
+    was repaired or skipped (a damaged cache retrained). Issued as Python warnings, recorded in the
+    run report; the CLI prints one line each."""
 
 
 class RunnerError(GoodDragError):

@@ -2,7 +2,7 @@
 (1, C, H, W) tensor or a :class:`FeatureMap` (the same map, computed only where read).
 
 Points are (row, col) float tensors of shape (N, 2) on the feature grid. Every crop clamps its
-indices to the map: a patch hanging over the border repeats the edge, so handles near
+indices to the map (docs/method.md, "Image borders"): a patch hanging over the border repeats the edge, so handles near
 the border work, and results are identical to unclamped crops wherever those stay inside.
 """
 

@@ -2,7 +2,7 @@
 
 Points arrive as image pixels ``[x, y]`` of the original image. The engine works on a resized copy
 (width 512, height scaled and rounded to a multiple of 8) and places points on the feature grid
-(H/2, W/2) as ``(row, col)``; results go back to the original size (SPEC 2).
+(H/2, W/2) as ``(row, col)``; results go back to the original size (docs/method.md, "Coordinates").
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
     """Non-empty, inside the image, handle != target."""
     w, h = size
     if not pairs:
-        raise BadInputError("no points given; pass --points HX,HY:TX,TY or --points-file points.json")
+        raise BadInputError("no points given; give at least one (handle, target) pair")
     for i, pair in enumerate(pairs):
         for role, (x, y) in zip(("handle", "target"), pair):
             if not (0 <= x < w and 0 <= y < h):
@@ -194,7 +194,7 @@ def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
 def working_size(size: tuple[int, int], width: int = 512) -> tuple[int, int]:
     """Width 512, height int(512*h/w) rounded to a multiple of 8 (at least 8)."""
     if width < 16 or width % 8:
-        raise BadInputError(f"--width {width}: the working width must be a multiple of 8, at least 16")
+        raise BadInputError(f"width {width}: the working width must be a multiple of 8, at least 16")
     w, h = size
     hh = int(width * h / w)
     return width, max(8, int(round(hh / 8)) * 8)
@@ -275,6 +275,8 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width:
                 raise BadInputError(f"mask has shape {arr.shape} but the image is {img.size[1]}x{img.size[0]} (HxW)")
         if not arr.any():
             notes.append("mask has no editable (white) pixel: the whole image is kept on the unedited trajectory")
+        else:
+            notes += _points_outside_mask(pairs, arr)
     inp = EditInput(img, tuple((tuple(h), tuple(t)) for h, t in pairs), arr, working_size(img.size, width), ())
     handles, targets = inp.grid_points()
     for i in range(len(pairs)):
@@ -282,5 +284,17 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width:
             ww, wh = inp.work_size
             notes.append(f"pair {i + 1}: handle and target fall in the same feature cell at the {ww}x{wh} working "
                          f"size (the image is {img.size[0]}x{img.size[1]}), so it cannot move; use a larger "
-                         "--width or points further apart")
+                         "working width or points further apart")
     return attrs.evolve(inp, warnings=tuple(notes))
+
+
+def _points_outside_mask(pairs: Sequence[Pair], mask: np.ndarray) -> list[str]:
+    """A handle or target outside the editable region cannot move cleanly: the loss holds that area
+    to the input, so the content either stays or tears. One note per such point."""
+    notes = []
+    for i, pair in enumerate(pairs):
+        for role, (x, y) in zip(("handle", "target"), pair):
+            if not mask[int(y), int(x)]:
+                notes.append(f"{role} {i + 1} at ({x:g}, {y:g}) is outside the editable mask, where the image is held "
+                             f"to the input, so the content cannot move there cleanly; widen the mask to cover it")
+    return notes

@@ -1,4 +1,5 @@
-"""Per-image LoRA: its settings. Training lives with the backbone (plugins/backbones/lora.py)."""
+"""Per-image LoRA (docs/method.md, section 1): its settings. Training lives with the backbone
+(plugins/backbones/lora.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Information-preserving motion supervision (GoodDrag, SPEC section 7).
+"""Information-preserving motion supervision (GoodDrag; docs/method.md, section 4).
 
 The target patch of every handle is the *reference* feature patch at the *original* handle, at the
 same timestep. It never drifts, however many drag steps pass, which is what keeps the dragged
@@ -21,14 +21,17 @@ from gooddrag.core.params import finite, p
 
 
 class InfoPreserving:
-    """Pull F(z) at p_i + d_i towards the constant reference patch at the original handle p_i0."""
+    """Pull the features one step past each handle towards the unedited patch at its original handle (GoodDrag).
+
+    The target patch never changes, so the dragged content keeps its identity over many steps."""
 
     name = "info-preserving"
 
     @attrs.frozen(kw_only=True)
     class Params:
-        patch_radius: int = p(4, "r1: patches are (2r1+1)^2 = 9x9", ge(0), le(MAX_PATCH_RADIUS))
-        max_step: float = p(4.0, "step d_i = unit(q_i - p_i) * min(max_step, |q_i - p_i|)", ge(0), le(MAX_STEP), finite)
+        patch_radius: int = p(4, "patches are (2r+1)^2 feature-grid px: 9x9", ge(0), le(MAX_PATCH_RADIUS))
+        max_step: float = p(4.0, "each step moves the patch towards the target by at most this many feature-grid px",
+                            ge(0), le(MAX_STEP), finite)
         skip_distance: float = p(2.0, "pairs closer than this to their target add no motion term", ge(0), finite)
         lam: float = p(0.2, "weight of the mask-preservation term (0.1 in the benchmark preset)", ge(0), le(MAX_LAM), finite)
 

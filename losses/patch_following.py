@@ -1,4 +1,4 @@
-"""Patch-following motion supervision (DragDiffusion, SPEC section 10).
+"""Patch-following motion supervision (DragDiffusion; docs/method.md, "DragDiffusion, the baseline").
 
 The target patch is the current features at the *current* handle, detached, so the supervision
 follows wherever tracking put the handle (and drifts with it). Unit steps, 3x3 patches.
@@ -19,14 +19,14 @@ from gooddrag.core.params import finite, p
 
 
 class PatchFollowing:
-    """Pull F(z) at p_i + unit step towards the detached current patch at p_i (DragDiffusion)."""
+    """Pull the features one grid pixel past each handle towards the current patch at the handle (DragDiffusion)."""
 
     name = "patch-following"
 
     @attrs.frozen(kw_only=True)
     class Params:
-        patch_radius: int = p(1, "r: patches are (2r+1)^2 = 3x3", ge(0), le(MAX_PATCH_RADIUS))
-        max_step: float = p(1.0, "step length in feature px (unit step)", ge(0), le(MAX_STEP), finite)
+        patch_radius: int = p(1, "patches are (2r+1)^2 feature-grid px: 3x3", ge(0), le(MAX_PATCH_RADIUS))
+        max_step: float = p(1.0, "step length in feature-grid px (1: a unit step)", ge(0), le(MAX_STEP), finite)
         skip_distance: float = p(2.0, "pairs closer than this to their target add no motion term", ge(0), finite)
         lam: float = p(0.1, "weight of the mask-preservation term", ge(0), le(MAX_LAM), finite)
 

@@ -1,4 +1,4 @@
-"""Built-in presets (SPEC Q1): the UI defaults, the benchmark script's values, and the baseline."""
+"""Built-in presets (docs/method.md, "Presets"): the UI defaults, the benchmark script's values, and the baseline."""
 
 from __future__ import annotations
 

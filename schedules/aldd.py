@@ -1,4 +1,4 @@
-"""AlDD: Alternating Drag and Denoising (GoodDrag, SPEC section 5).
+"""AlDD: Alternating Drag and Denoising (GoodDrag; docs/method.md, section 3).
 
 Instead of one large drag at a single timestep, the drag is spread over the first ``drag_timesteps``
 denoising steps: at each of them the latent is optimised for B drags of J Adam steps, the handles
@@ -26,14 +26,14 @@ class AlDD:
     class Params:
         num_inference_steps: int = p(50, "DDIM steps of the whole sampler", ge(1))
         inversion_strength: float = p(0.75, "fraction of steps inverted (0.75 -> start at t=741)", gt(0), le(1), finite)
-        drag_timesteps: int = p(7, "denoising timesteps that drag (T2)", ge(1))
+        drag_timesteps: int = p(7, "how many denoising timesteps drag, from the first after inversion", ge(1))
         drags_per_timestep: int = p(10, "drags B per timestep, each followed by tracking", ge(1))
         steps_per_drag: int = p(3, "Adam steps J per drag", ge(1))
         lr: float = p(0.02, "Adam learning rate on the latent (at most 10: larger only overflows)", gt(0), le(10), finite)
-        reach_distance: float = p(2.0, "done when every handle is this close (feature px)", ge(0), finite)
+        reach_distance: float = p(2.0, "done when every handle is this close to its target, in feature-grid px (2 image px each)", ge(0), finite)
         patience: int = p(10, "stop after this many drags in a row with no point moving (0 = never)", ge(0))
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off, as the public code)", ge(0), finite)
-        fresh_tracking: bool = p(False, "track on a fresh forward instead of the last step's features (Q2)")
+        fresh_tracking: bool = p(False, "track on a fresh forward pass, not on the last gradient step's (one step stale, as the official code)")
 
     def __init__(self, params: "AlDD.Params"):
         self.params = params
@@ -44,7 +44,7 @@ class AlDD:
     def run(self, ctx: DragContext) -> Outcome:
         P, pts, ev = self.params, ctx.points, ctx.events
         z = ctx.z_start
-        stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset, Q5)
+        stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset between timesteps, as the official code)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
         for k in range(indices[0], indices[-1] + 1):

@@ -1,4 +1,4 @@
-"""Single-step drag (DragDiffusion, SPEC section 10).
+"""Single-step drag (DragDiffusion; docs/method.md, "DragDiffusion, the baseline").
 
 All optimisation happens on the latent of one timestep (t=681 after inverting 70 %), tracking on
 fresh features before every gradient step; denoising then starts at that same timestep with mutual
@@ -26,7 +26,7 @@ class SingleStep:
         inversion_strength: float = p(0.7, "fraction of steps inverted (0.7 -> drag at t=681)", gt(0), le(1), finite)
         steps: int = p(80, "Adam steps on the latent (210 for DragDiffusion*)", ge(1))
         lr: float = p(0.01, "Adam learning rate on the latent (at most 10: larger only overflows)", gt(0), le(10), finite)
-        reach_distance: float = p(2.0, "done when every handle is this close (feature px)", ge(0), finite)
+        reach_distance: float = p(2.0, "done when every handle is this close to its target, in feature-grid px (2 image px each)", ge(0), finite)
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off)", ge(0), finite)
 
     def __init__(self, params: "SingleStep.Params"):

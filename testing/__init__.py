@@ -96,7 +96,7 @@ def _describe(x: Any) -> str:
 
 def check_tracker(cls: type) -> None:
     """A tracker returns points like its input and finds an exact copy of the reference vector planted
-    near each point (within TRACK_TOLERANCE feature px)."""
+    near each point (within TRACK_TOLERANCE feature-grid px)."""
     tracker = cls(check_params("tracker", cls))
     g = torch.Generator().manual_seed(0)
     feats = torch.rand(1, 8, 32, 32, generator=g)  # (1, C, H, W)

@@ -99,11 +99,11 @@ def test_bench_writes_report_records_failures_and_resumes(d100, tmp_path, capsys
         for f in ("result.png", "points.png", "run.json"):
             assert (out / "samples" / sid / f).is_file()
     assert rows["nature_1"]["n_pairs"] == "3"
-    finals = json.loads(rows["nature_1"]["final_handles"])
+    finals = json.loads(rows["nature_1"]["final_handles_xy"])
     assert len(finals) == 3 and finals[2] == [40, 4]
     run = json.loads((out / "samples" / "nature_1" / "run.json").read_text())
-    assert run["bench"]["dragged_pairs"] == [0, 1] and len(run["final_handles"]) == 2
-    assert run["bench"]["final_handles_all_pairs"] == finals and run["bench"]["sample"] == "nature_1"
+    assert run["bench"]["dragged_pairs"] == [0, 1] and len(run["final_handles_xy"]) == 2
+    assert run["bench"]["final_handles_xy_all_pairs"] == finals and run["bench"]["sample"] == "nature_1"
     assert rows["cat_0"]["group"] == "animal" and rows["car_2"]["group"] == "object"
     assert not (out / "samples" / "car_2").exists()  # a failed edit leaves nothing behind
     summary = json.loads((out / "summary.json").read_text())
@@ -200,7 +200,7 @@ def test_bench_validates_everything_before_the_model_loads(d100, tmp_path, capsy
         (["--runner-param", "address=auto"], "bad runner parameter 'address=auto'; write it as runner.field=value"),
         (["--runner", "ray", "--runner-param", "ray.workers=-1"], "bad value for runner.workers: 'workers' must be >= 0"),
         (["--runner", "ray", "--runner-param", "ray.nope=1"], "unknown parameter runner.nope for runner 'ray'"),
-        (["--dtype", "fp8"], "--dtype 'fp8' is not supported"),
+        (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
         (["--lora", str(tmp_path / "missing-lora")], "no such file or folder"),
         (["--bogus"], "No such option: --bogus"),
     ]
@@ -285,7 +285,7 @@ def test_score_our_layout_and_dragbench_ids(tmp_path, capsys):
     assert {k: r["status"] for k, r in rows.items()} == {"animals/JH_1": "ok", "animals/JH_2": "ok",
                                                         "art_work/PJC_1": "failed", "art_work/PJC_2": "ok"}
     assert "result is 20x15 but the original is 40x30" in rows["art_work/PJC_1"]["error"]
-    assert rows["art_work/PJC_2"]["final_handles"] == "[[5, 8]]" and rows["art_work/PJC_2"]["time_drag_s"] == "1.5"
+    assert rows["art_work/PJC_2"]["final_handles_xy"] == "[[5, 8]]" and rows["art_work/PJC_2"]["time_drag_s"] == "1.5"
     for sid in ("animals/JH_1", "animals/JH_2", "art_work/PJC_2"):
         assert float(rows[sid]["dai_1"]) == pytest.approx(_unchanged_dai(samples[sid], 1), rel=1e-6)
     summary = json.loads((res / "summary.json").read_text())
@@ -495,3 +495,50 @@ def test_a_plugin_calling_sys_exit_fails_its_sample_not_the_bench(d100, tmp_path
     assert rows["car_2"]["status"] == "failed" and rows["car_2"]["error"] == "SystemExit: 0"
     assert rows["cat_0"]["status"] == "ok" and rows["nature_1"]["status"] == "ok"
     assert "2 ok, 1 failed" in capsys.readouterr().out
+
+
+def test_reports_say_how_dragging_ended_and_show_the_unedited_baseline(d100, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST, "--baseline", "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "unedited input" in printed and "reached their targets" in printed
+    rows = read_csv(out / "results.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    for sid in ("car_2", "cat_0"):
+        run = json.loads((out / "samples" / sid / "run.json").read_text())
+        r = rows[sid]
+        assert r["stop_reason"] == run["stop_reason"] and r["reached"] == str(run["stop_reason"] == "reached").lower()
+        sample_pairs = run["bench"]["pairs_xy"]
+        want = np.mean([np.hypot(f[0] - t[0], f[1] - t[1])
+                        for f, (_, t) in zip(run["bench"]["final_handles_xy_all_pairs"], sample_pairs)])
+        assert float(r["final_dist_px"]) == pytest.approx(want, abs=1e-3)
+        (s,) = [x for x in summary["samples"] if x["id"] == sid]
+        assert s["stop_reason"] == r["stop_reason"] and s["final_dist_px"] == pytest.approx(want, abs=1e-3)
+    drag = summary["drag"]
+    assert drag["samples"] == 2 and sum(drag["stop_reasons"].values()) == 2
+    assert drag["reached_rate"] == drag["reached"] / 2 and drag["final_dist_px"]["n"] == 2
+    base = summary["aggregate"]["baseline_unedited"]["dai"]["dai_1"]
+    assert base == pytest.approx(np.mean([_unchanged_dai(s, 1) for s in _samples(d100, ("car_2", "cat_0"))]))
+    report = (out / "report.md").read_text()
+    assert "## Dragging" in report and f"in **{drag['reached']} of 2** samples" in report
+    assert "| metric | key | value | unedited input |" in report and "![final handle-to-target distance]" in report
+    assert (out / "plot_drag.png").is_file()
+
+
+def _samples(root, ids):
+    from gooddrag.plugins.datasets.drag100 import Drag100
+
+    return [s for s in Drag100().samples(root) if s.id in ids]
+
+
+def test_score_a_subset(d100, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["bench", d100, "--out", out, *FAST, "--limit", "2"]) == 0
+    capsys.readouterr()
+    assert run_cli(["score", out, d100, "--limit", "2", "--out", tmp_path / "s1"]) == 0
+    assert "2 ok, 0 failed, 0 missing of 2 samples" in capsys.readouterr().out
+    assert run_cli(["score", out, d100, "--samples", "cat_0", "--out", tmp_path / "s2"]) == 0
+    assert "1 ok, 0 failed, 0 missing of 1 samples" in capsys.readouterr().out
+    assert list(read_csv(tmp_path / "s2" / "results.csv")) == ["cat_0"]
+    assert run_cli(["score", out, d100, "--samples", "dog_9", "--out", tmp_path / "s3"]) == 2
+    assert "sample 'dog_9' is not in" in capsys.readouterr().err

@@ -57,7 +57,8 @@ def test_dry_run_prints_config_with_override(img, capsys, no_model):
     (["-p", "loss.lam=abc"], "loss.lam"),
     (["--schedule", "zzz"], "unknown schedule 'zzz'"),
     (["--preset", "zzz"], "unknown preset 'zzz'"),
-    (["--dtype", "fp8"], "--dtype"),
+    (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
+    (["--device", "cuda:7"], "cuda:7"),
 ])
 def test_bad_config_is_one_line_without_traceback(img, capsys, no_model, extra, needle):
     code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", *extra], capsys)
@@ -85,7 +86,7 @@ def _bad_inputs(tmp_path, img):
         ([img, "--points", "10,10:20,20", "--mask", tmp_path / "small_mask.png"], "mask is 10x10 but the image is 48x32"),
         ([img], "no points given"),
         ([img, "--points", "10,10"], "HX,HY:TX,TY"),
-        ([img, "--points", "10,10:20,20", "--lora", tmp_path / "none.safetensors"], "--lora"),
+        ([img, "--points", "10,10:20,20", "--lora", tmp_path / "none.safetensors"], "no such file or folder"),
         ([img, "--points", "10,10:20,20"], "--out DIR is required"),
     ]
 
@@ -103,7 +104,7 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path, img, capsys, no_m
 def test_offline_default_model_names_the_model_and_the_fix(img, tmp_path, capsys):
     code, _, err = run(["edit", img, "--points", "10,10:20,20", "--lora", "off", "--out", tmp_path / "o"], capsys)
     assert code == 2
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "--model DIR" in err and "Traceback" not in err
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "local copy" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -119,13 +120,15 @@ def _edit(img, out, capsys, *extra, opts=FAST):
 
 
 def test_edit_writes_every_output(img, tmp_path, capsys):
-    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif")
-    assert sorted(p.name for p in out.iterdir()) == ["drag.gif", "points.png", "result.png", "run.json", "trace.jsonl"]
+    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif", "--frames")
+    assert sorted(p.name for p in out.iterdir()) == ["drag.gif", "frames", "points.png", "result.png", "run.json",
+                                                     "trace.jsonl"]
+    assert len(list((out / "frames").iterdir())) == Image.open(out / "drag.gif").n_frames
     assert Image.open(out / "result.png").size == (48, 32)
     assert Image.open(out / "points.png").size == (2 * 48 + 8, 32)
     assert Image.open(out / "drag.gif").n_frames >= 2
     run_json = json.loads((out / "run.json").read_text())
-    for key in ("config", "versions", "timings_s", "peak_memory_mb", "final_handles", "stop_reason", "device", "dtype"):
+    for key in ("config", "versions", "timings_s", "peak_memory_mb", "final_handles_xy", "stop_reason", "device", "dtype"):
         assert key in run_json, key
     assert set(run_json["timings_s"]) == {"lora", "inversion", "reference", "drag", "finish", "decode"}
     events = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
@@ -134,9 +137,33 @@ def test_edit_writes_every_output(img, tmp_path, capsys):
     step = next(e for e in events if e["event"] == "step")
     assert set(step) == {"event", "timestep", "drag", "step", "loss", "motion", "preserve"}
     track = next(e for e in events if e["event"] == "track")
-    assert set(track) == {"event", "timestep", "drag", "points"} and len(track["points"][0]) == 2
+    assert set(track) == {"event", "timestep", "drag", "points_grid_rc"} and len(track["points_grid_rc"][0]) == 2
     assert events[-1]["event"] == "stop" and events[-1]["reason"] in {"reached", "patience", "schedule_end"}
     assert sum(e["event"] == "step" for e in events) == run_json["gradient_steps"]
+
+
+def test_a_new_edit_replaces_the_whole_output_set_of_the_last(img, tmp_path, capsys):
+    out = _edit(img, tmp_path / "o", capsys, "--trace", "--gif", "--frames")
+    (out / "notes.txt").write_text("mine")  # not an edit output: kept
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "points.png", "result.png", "run.json"]
+    assert f"warning: removed drag.gif, frames, trace.jsonl of the previous edit in {out}" in err
+
+
+def test_mp4_without_a_video_writer_is_refused_before_loading(img, tmp_path, capsys, no_model, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_av(name, *a, **k):
+        if name == "av":
+            raise ImportError("no av")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", "--mp4", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--mp4 needs a video writer" in err and "gooddrag[video]" in err
 
 
 def test_strategies_change_the_trace_and_runs_are_byte_identical(img, tmp_path, capsys):
@@ -169,7 +196,7 @@ def test_failed_edit_leaves_no_partial_output(img, tmp_path, capsys, monkeypatch
 
 
 def test_mask_and_points_file(img, tmp_path, capsys):
-    (tmp_path / "p.json").write_text(json.dumps({"points": [[8, 8], [30, 20], [40, 25], [35, 10]]}))
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[8, 8], [30, 20], [33, 25], [28, 10]]}))
     m = np.zeros((32, 48), np.uint8)
     m[:, :36] = 255
     Image.fromarray(m).save(tmp_path / "mask.png")
@@ -177,7 +204,8 @@ def test_mask_and_points_file(img, tmp_path, capsys):
                         "--out", tmp_path / "o", "--trace"], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert len(r["final_handles"]) == 2 and r["warnings"] == []
+    assert len(r["final_handles_xy"]) == 2 and r["warnings"] == []
+    assert len(r["final_handles_grid_rc"]) == 2 and {"handles_xy", "targets_xy"} <= set(r)
     preserve = [json.loads(l)["preserve"] for l in (tmp_path / "o" / "trace.jsonl").read_text().splitlines()
                 if '"step"' in l]
     assert any(p > 0 for p in preserve)  # the mask term is on
@@ -258,7 +286,7 @@ def test_a_diverging_drag_is_an_error_and_writes_nothing(img, tmp_path, capsys, 
     code, _, err = run(["edit", img, "--points", "8,8:30,20", *(BASE if extra[1] != "aldd" else FAST), *extra,
                         "--out", tmp_path / "o"], capsys)
     assert code == 2 and "error: the latent became NaN/inf while dragging at timestep" in err
-    assert "lower -p schedule.lr" in err and "Traceback" not in err
+    assert "lower schedule.lr" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -268,7 +296,7 @@ def test_broken_weights_are_an_error_and_write_nothing(img, tmp_path, capsys, mo
     real = StableDiffusionBackbone.invert
     monkeypatch.setattr(StableDiffusionBackbone, "invert", lambda self, z, k: real(self, z, k) * float("nan"))
     code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "the inverted latent is NaN/inf before any drag" in err and "--lora off" in err
+    assert code == 2 and "the inverted latent is NaN/inf before any drag" in err and "try lora off" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -353,3 +381,44 @@ def test_ctrl_c_says_so(img, tmp_path, capsys, monkeypatch):
     code, _, err = run(["edit", img, "--points", "8,8:30,20", *FAST, "--out", tmp_path / "o"], capsys)
     assert code == 130 and "interrupted: no partial output was kept" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_points_outside_the_mask_warn_one_line_each(img, tmp_path, capsys, no_model):
+    m = np.zeros((32, 48), np.uint8)
+    m[:, :24] = 255  # left half editable
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    code, _, err = run(["edit", img, "--points", "8,8:20,20", "--points", "30,10:10,10", "--points", "5,5:40,20",
+                        "--mask", tmp_path / "mask.png", "--dry-run"], capsys)
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert lines == [
+        "warning: handle 2 at (30, 10) is outside the editable mask, where the image is held to the input, so the "
+        "content cannot move there cleanly; widen the mask to cover it",
+        "warning: target 3 at (40, 20) is outside the editable mask, where the image is held to the input, so the "
+        "content cannot move there cleanly; widen the mask to cover it"]
+
+
+def test_dry_run_says_where_every_value_came_from_and_warns_about_dropped_ones(img, capsys, no_model):
+    code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", "--preset", "dragdiffusion",
+                          "--loss", "info-preserving", "-p", "loss.lam=0.3", "-p", "lora.rank=8", "--lora", "off",
+                          "-p", "backbone.feature_block=1"], capsys)
+    assert code == 0
+    sources = json.loads(out)["sources"]
+    assert sources["loss"] == "chosen" and sources["loss.lam"] == "override" and sources["loss.patch_radius"] == "default"
+    assert sources["tracker.radius"] == "preset dragdiffusion" and sources["backbone.feature_block"] == "override"
+    assert "warning: lora.rank has no effect: the LoRA is off" in err.splitlines()
+    assert json.loads(out)["backbone_params"]["feature_block"] == 1
+
+
+def test_help_and_plugin_table_are_readable(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # --help wraps at the terminal width
+    code, out, _ = run(["edit", "--help"], capsys)
+    assert code == 0 and '{"points": [[hx,hy], [tx,ty], ...]}' in out
+    from gooddrag.core.registry import default_registry
+
+    for name, comp in default_registry().items("metric"):  # whole descriptions, not cut at a line wrap
+        assert cli._first_paragraph(comp.__doc__).endswith(("is better.", "is better).")), name
+    code, out, _ = run(["plugins", "--params"], capsys)
+    assert "unet.up_blocks[i]" in out and "(per-image LoRA)" in out and "rank = 16" in out
+    for shorthand in ("(Q", "(T2)", "feature px", "r1:", "r2:"):
+        assert shorthand not in out, shorthand

@@ -1,15 +1,17 @@
-"""Presets carry SPEC's numbers; overrides are typed, range-checked and name their field."""
+"""Presets carry the method's numbers; overrides are typed, range-checked and name their field."""
 
 from __future__ import annotations
 
 import json
+import warnings
 
 import attrs
 import pytest
 
 from gooddrag.core.config import resolve_config
-from gooddrag.core.errors import ConfigError
-from gooddrag.core.registry import default_registry
+from gooddrag.core.errors import ConfigError, GoodDragWarning
+from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.registry import Registry, default_registry, make_plugin_manager
 
 
 def cfg(**kw):
@@ -74,8 +76,8 @@ def test_bad_overrides_name_the_culprit_in_one_line(override, culprit):
 
 
 def test_runtime_options_are_checked():
-    for kw, word in [({"dtype": "fp8"}, "--dtype"), ({"device": "tpu"}, "--device"),
-                     ({"attention": "flash"}, "--attention"), ({"width": 100}, "--width")]:
+    for kw, word in [({"dtype": "fp8"}, "dtype"), ({"device": "tpu"}, "device"),
+                     ({"attention": "flash"}, "attention"), ({"width": 100}, "width")]:
         with pytest.raises(ConfigError, match=word):
             cfg(**kw)
 
@@ -89,7 +91,79 @@ def test_config_is_frozen():
 
 
 def test_missing_lora_path_is_refused_with_the_config(tmp_path):
-    with pytest.raises(ConfigError, match="--lora .*no such file or folder"):
+    with pytest.raises(ConfigError, match="lora .*no such file or folder"):
         cfg(lora=str(tmp_path / "none.safetensors"))
     (tmp_path / "lora").mkdir()
     assert cfg(lora=str(tmp_path / "lora")).lora == str(tmp_path / "lora")
+
+
+class _OtherTracker:
+    """A second tracker, to swap in under a preset."""
+
+    name = "other"
+
+    @attrs.frozen(kw_only=True)
+    class Params:
+        radius: int = 5
+
+    def __init__(self, params):
+        self.params = params
+
+
+class _OtherPlugin:
+    @hookimpl
+    def gooddrag_register_trackers(self):
+        return [_OtherTracker]
+
+
+def test_swapping_a_component_under_a_preset_warns_naming_the_dropped_values():
+    reg = Registry(make_plugin_manager(entry_points=True, extra_plugins=[_OtherPlugin()]))
+    with pytest.warns(GoodDragWarning) as caught:
+        c = resolve_config(reg, preset="dragdiffusion", tracker="other")
+    (note,) = [str(w.message) for w in caught]
+    assert "tracker 'other' replaces preset dragdiffusion's 'nearest'" in note and "tracker.radius=3" in note
+    assert c.tracker_params.radius == 5 and c.notes == (note,)
+    assert c.sources["tracker"] == "chosen" and c.sources["tracker.radius"] == "default"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the preset's own tracker: nothing dropped, no warning
+        c = resolve_config(reg, preset="dragdiffusion", overrides=["loss.lam=0.3"])
+    assert c.sources["tracker.radius"] == "preset dragdiffusion" and c.sources["loss.lam"] == "override"
+    assert c.sources["schedule.lr"] == "default" and c.sources["schedule"] == "preset dragdiffusion"
+
+
+def _listed(kind, comp):
+    from gooddrag.core.params import describe_params
+
+    return [(f, d) for f, _, d, _ in describe_params(comp)]
+
+
+def test_every_listed_parameter_is_settable_and_every_settable_one_is_listed():
+    from gooddrag.core.config import OVERRIDE_KINDS
+    from gooddrag.core.lora import LoraParams
+
+    reg = default_registry()
+    assert set(OVERRIDE_KINDS) == {"schedule", "loss", "tracker", "lora", "backbone"}
+    lora = type("L", (), {"Params": LoraParams})
+    for kind, name, comp in [*((k, n, c) for k in ("schedule", "loss", "tracker", "backbone") for n, c in reg.items(k)),
+                             ("lora", "lora", lora)]:
+        for field, default in _listed(kind, comp):
+            value = default.strip("'")
+            extra = {"backbone": name} if kind == "backbone" else {kind: name} if kind != "lora" else {}
+            c = resolve_config(reg, overrides=[f"{kind}.{field}={value}"], **extra)
+            assert c.sources[f"{kind}.{field}"] == "override", (kind, name, field)
+    c = resolve_config(reg, overrides=["backbone.feature_block=1"])  # the model selects stable-diffusion
+    assert c.backbone_params.feature_block == 1 and c.to_dict()["backbone_params"]["feature_block"] == 1
+
+
+@pytest.mark.parametrize("lora, overrides, idle", [
+    ("off", ["lora.rank=8"], "lora.rank has no effect: the LoRA is off"),
+    ("PATH", ["lora.rank=8", "lora.fuse=false"], "lora.rank has no effect: a trained LoRA is loaded from a path"),
+])
+def test_settings_that_cannot_apply_warn(tmp_path, lora, overrides, idle):
+    lora = str(tmp_path) if lora == "PATH" else lora
+    with pytest.warns(GoodDragWarning, match=idle):
+        c = cfg(lora=lora, overrides=overrides)
+    assert c.notes == (idle,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg(lora="auto", overrides=overrides)

@@ -1,4 +1,4 @@
-"""DAI (SPEC 12): hand-computed values, both normalisations, the border rule, the unchanged image."""
+"""DAI (docs/metrics.md): hand-computed values, both normalisations, the border rule, the unchanged image."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC's numbers on the tiny random SD1.5-shaped model: timesteps, inversion, AlDD and single-step
+"""The method's numbers (docs/method.md) on the tiny random SD1.5-shaped model: timesteps, inversion, AlDD and single-step
 step counts, and mutual self-attention confined to transformer blocks 10-15."""
 
 from __future__ import annotations

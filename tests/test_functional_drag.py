@@ -25,10 +25,10 @@ def test_blob_is_dragged_to_the_target(loss):
     editor = Editor(ToyBackbone())
     r = editor.edit(blob_image(*HANDLE), [(HANDLE, TARGET)], loss=loss, lora="off", width=W,
                     overrides=["schedule.patience=0"])
-    grid = np.array(r.report["final_handles_grid"][0])
+    grid = np.array(r.report["final_handles_grid_rc"][0])
     target_grid = np.array([TARGET[1] / 2, TARGET[0] / 2])
     assert r.report["stop_reason"] == "reached"
-    assert np.linalg.norm(grid - target_grid) < 2.0  # the tracked point followed, within 2 feature px
+    assert np.linalg.norm(grid - target_grid) < 2.0  # the tracked point followed, within 2 feature-grid px
     res = np.asarray(r.image, dtype=float)[..., 0] / 255
     assert res[TARGET[1], TARGET[0]] > 0.6  # the blob is at the target now ...
     assert res[HANDLE[1], HANDLE[0]] < 0.3  # ... and no longer at the handle

@@ -1,4 +1,4 @@
-"""Patch sampling, motion supervision and tracking pinned to SPEC 7, 8 and 10 on synthetic features."""
+"""Patch sampling, motion supervision and tracking pinned to docs/method.md (sections 4, 5, DragDiffusion) on synthetic features."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_tracker_25x25_window_argmin():
     f[0, :, 43, 30] = 5.0  # offset 13: outside the window
     assert tracker.track(ref, f, p).tolist() != [[43.0, 30.0]]
     f = feats.clone()
-    f[0, :, 0, 2] = 5.0  # near the border: window clamped, no crash (SPEC Q3)
+    f[0, :, 0, 2] = 5.0  # near the border: window clamped, no crash (docs/method.md, "Image borders")
     assert tracker.track(ref, f, torch.tensor([[3.0, 5.0]])).tolist() == [[0.0, 2.0]]
     dd = Nearest(Nearest.Params(radius=3))
     f = feats.clone()

@@ -46,7 +46,7 @@ def test_ui_serves_on_localhost_without_a_share_link(monkeypatch, tmp_path, caps
 def test_ui_refuses_bad_options_before_serving(capsys):
     pytest.importorskip("gradio")
     assert cli.main(["ui", "--dtype", "fp8"]) == 2
-    assert "--dtype 'fp8'" in capsys.readouterr().err
+    assert "dtype 'fp8' is not supported" in capsys.readouterr().err
 
 
 class _Probe:

@@ -1,8 +1,8 @@
-"""Window nearest-neighbour point tracking (SPEC section 8).
+"""Window nearest-neighbour point tracking (docs/method.md, section 5).
 
 Each handle moves to the position in a (2r+1)^2 window around it whose current feature is closest
 (L1 over channels) to the reference feature of the original handle. r=12 (25x25) for GoodDrag,
-r=3 (7x7) for DragDiffusion. Windows are clamped to the feature map (Q3).
+r=3 (7x7) for DragDiffusion. Windows are clamped to the feature map (see docs/method.md, "Image borders").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Nearest:
 
     @attrs.frozen(kw_only=True)
     class Params:
-        radius: int = p(12, "r2: search window is (2r2+1)^2 = 25x25 (3 for DragDiffusion)", ge(0))
+        radius: int = p(12, "search window is (2r+1)^2 feature-grid px: 25x25 (3, 7x7, for DragDiffusion)", ge(0))
         metric: str = p("l1", "feature distance: l1 (the methods') or l2", in_(("l1", "l2")))
 
     #: reads features only through gooddrag.core.geometry, so it can be given a FeatureMap

@@ -17,6 +17,10 @@ from gooddrag.app import options as O
 from gooddrag.core.errors import BadInputError
 
 
+BASELINE_HELP = ("Also score the unedited inputs on the same samples and show them beside the method "
+                 "(a method must beat them to have moved anything).")
+
+
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
 
@@ -58,6 +62,7 @@ def bench(
     width: int = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
                                  help="Edit with each sample's prompt (DragBench) or with the empty prompt."),
+    baseline: bool = typer.Option(False, "--baseline", help=BASELINE_HELP),
 ) -> None:
     """Edit every sample of a benchmark, score it, and write results.csv, summary.json and report.md."""
     if out is None:
@@ -70,7 +75,7 @@ def bench(
                         runner_params=tuple(runner_param), model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
                         device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts,
-                        faithful=faithful)
+                        faithful=faithful, baseline=baseline)
     try:
         summary = run_bench(opts, tty=sys.stderr.isatty())
     except KeyboardInterrupt as exc:
@@ -87,10 +92,15 @@ def score(
     metrics: str = typer.Option("dai", "--metrics", help="Comma-separated metrics, e.g. dai,md,if."),
     metric_param: List[str] = typer.Option([], "--metric-param", help="metric.field=value, e.g. dai.gammas=1,5 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where results.csv, summary.json, report.md go (default: RESULTS_DIR)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples (sorted by id), as bench --limit."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Only these sample ids, comma-separated."),
+    baseline: bool = typer.Option(False, "--baseline", help=BASELINE_HELP),
 ) -> None:
     """Score a folder of results (any method) against a benchmark; missing results are counted."""
     from gooddrag.app.bench.run import run_score
 
     O.silence_libraries()
-    summary = run_score(results_dir, dataset_dir, dataset=dataset, metrics=metrics, metric_params=metric_param, out=out)
+    ids = [i.strip() for i in (samples or "").split(",") if i.strip()]
+    summary = run_score(results_dir, dataset_dir, dataset=dataset, metrics=metrics, metric_params=metric_param, out=out,
+                        limit=limit, sample_ids=ids, baseline=baseline)
     _print_summary(summary, out or results_dir)

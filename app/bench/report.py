@@ -43,14 +43,23 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
                  for m in metrics}
     md += ["## Overall", ""]
     agg = summary["aggregate"]
+    base = agg.get("baseline_unedited")
     if any(agg["overall"].values()):
-        md += ["| metric | key | value |", "| --- | --- | --- |"]
+        if base is not None:
+            md += ["The unedited input (result = original, handles left where they are) is scored on the same "
+                   "samples: a method must beat it to have moved anything.", "",
+                   "| metric | key | value | unedited input |", "| --- | --- | --- | --- |"]
+        else:
+            md += ["| metric | key | value |", "| --- | --- | --- |"]
         for m in metrics:
             for k, v in agg["overall"].get(m.name, {}).items():
-                md.append(f"| {m.name} ({direction[m.name]}) | {k} | {md_num(v)} |")
+                cell = f" {md_num(base.get(m.name, {}).get(k))} |" if base is not None else ""
+                md.append(f"| {m.name} ({direction[m.name]}) | {k} | {md_num(v)} |{cell}")
     else:
         md.append("No sample was scored.")
     md.append("")
+    md += _drag_section(summary.get("drag") or {})
+    drag_at = len(md)  # the distance plot goes here once it is drawn
     md += ["## By group", "", "| group | total | ok | failed | missing |", "| --- | --- | --- | --- | --- |"]
     for g, gc in summary["groups"].items():
         md.append(f"| {g} | {gc['total']} | {gc['ok']} | {gc['failed']} | {gc['missing']} |")
@@ -73,6 +82,8 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
     except Exception as exc:  # a plot must never cost the tables
         plots, md = {}, md + [f"(plots failed: {error_line(exc)})", ""]
     written += list(plots.values())
+    if "drag" in plots:
+        md[drag_at:drag_at] = [f"![final handle-to-target distance]({plots['drag'].name})", ""]
     for m in metrics:
         if f"dist_{m.name}" in plots:
             md += [f"## Distribution: {m.name}", "", f"![{m.name}]({plots[f'dist_{m.name}'].name})", ""]
@@ -133,6 +144,24 @@ def _placement_lines(rows: list[dict], summary: dict) -> list[str]:
     return md + [""]
 
 
+def _drag_section(d: dict) -> list[str]:
+    """How dragging ended: the reached rate, the stop reasons, the final distances (image px)."""
+    if not d.get("samples") and not d.get("final_dist_px"):
+        return []
+    md = ["## Dragging", ""]
+    if d.get("samples"):
+        md += [f"Every handle reached its target in **{d['reached']} of {d['samples']}** samples "
+               f"({100 * d['reached_rate']:.0f} %); the engine stops with `reached` when all handles are within "
+               "the schedule's reach distance.", "", "| stop reason | samples |", "| --- | --- |"]
+        md += [f"| {k} | {n} |" for k, n in d["stop_reasons"].items()] + [""]
+    dist = d.get("final_dist_px")
+    if dist:
+        md += ["Final handle-to-target distance per sample (mean over its pairs, image px): "
+               f"mean {md_num(dist['mean'])}, median {md_num(dist['median'])}, 90th percentile {md_num(dist['p90'])}, "
+               f"min {md_num(dist['min'])}, max {md_num(dist['max'])} (n={dist['n']}).", ""]
+    return md
+
+
 def _plots(out: Path, rows: list[dict], metrics: Sequence[Any], keys: list[tuple[str, str]],
            samples: dict[str, Sample]) -> dict[str, Path]:
     from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg canvas)
@@ -142,6 +171,25 @@ def _plots(out: Path, rows: list[dict], metrics: Sequence[Any], keys: list[tuple
     if not ok:
         return plots
     groups = sorted({r["group"] for r in ok})
+    dists = [r for r in ok if r["final_dist_px"] is not None]
+    if dists:
+        fig = Figure(figsize=(6.0, 3.0), dpi=100, layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+        for reached, colour, label in ((True, "tab:green", "reached"), (False, "tab:red", "not reached"),
+                                       (None, "tab:gray", "no edit report")):
+            vals = [r["final_dist_px"] for r in dists if r["reached"] is reached]
+            if vals:
+                ax.hist(vals, bins=min(20, max(5, len(dists))), range=(0, max(r["final_dist_px"] for r in dists) + 1e-9),
+                        color=colour, alpha=0.7, edgecolor="white", label=f"{label} (n={len(vals)})")
+                ax.plot(vals, [0] * len(vals), "|", color=colour, markersize=14, clip_on=False)  # each sample
+        ax.set_xlabel("final handle-to-target distance, mean over the sample's pairs (image px)")
+        ax.set_ylabel("samples")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7, frameon=False)
+        ax.set_title("where the handles ended", fontsize=10)
+        path = out / "plot_drag.png"
+        save_figure(fig, path)
+        plots["drag"] = path
     for m in metrics:
         mkeys = [k for name, k in keys if name == m.name]
         mkeys = [k for k in mkeys if any(np.isfinite(r["scores"].get(m.name, {}).get(k, np.nan)) for r in ok)]

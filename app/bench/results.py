@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from gooddrag.core.samples import Sample
 PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 #: config fields that change the result: a resumed sample must have been made with the same values
 METHOD_FIELDS = ("model", "preset", "schedule", "loss", "tracker", "schedule_params", "loss_params",
-                 "tracker_params", "lora", "lora_params", "seed", "dtype", "width")
+                 "tracker_params", "lora", "lora_params", "backbone_params", "seed", "dtype", "width")
 
 
 def sample_dir(root: Path, sample_id: str) -> Path:
@@ -77,8 +78,9 @@ def read_run_json(folder: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if (isinstance(data, dict) and "final_handles" in data
-                    and isinstance(data.get("config", {}), dict)) else None
+    ok = (isinstance(data, dict) and ("final_handles_xy" in data or "final_handles" in data)  # (or the earlier key)
+          and isinstance(data.get("config", {}), dict))
+    return data if ok else None
 
 
 def error_line(exc: BaseException) -> str:
@@ -94,7 +96,8 @@ def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
         return None
     bench = report.get("bench")
     bench = bench if isinstance(bench, dict) else {}
-    for pts in (bench.get("final_handles_all_pairs"), report.get("final_handles")):
+    for pts in (bench.get("final_handles_xy_all_pairs"), report.get("final_handles_xy"),
+                bench.get("final_handles_all_pairs"), report.get("final_handles")):  # (the last two: earlier keys)
         if (isinstance(pts, list) and len(pts) == n_pairs
                 and all(isinstance(p, list) and len(p) == 2
                         and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p) for p in pts)):
@@ -107,7 +110,53 @@ def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
 
 def new_row(sample: Sample) -> dict[str, Any]:
     return {"id": sample.id, "group": sample.group, "status": "missing", "error": "", "n_pairs": len(sample.pairs),
-            "scores": {}, "final_handles": None, "timings": {}, "resumed": False, "result_path": None}
+            "scores": {}, "final_handles": None, "timings": {}, "resumed": False, "result_path": None,
+            "stop_reason": None, "final_dist_px": None, "reached": None}
+
+
+def drag_outcome(row: dict, report: dict | None, sample: Sample) -> None:
+    """How the dragging ended for one sample: the engine's stop reason, the mean distance (image px)
+    from each final handle to its target, and whether every handle reached its target (the engine
+    stopped with ``reached``: all handles within the schedule's reach distance)."""
+    finals = row["final_handles"]
+    if finals is not None:
+        d = [math.dist(f, t) for f, (_, t) in zip(finals, sample.pairs)]
+        row["final_dist_px"] = round(sum(d) / len(d), 3) if d else None
+    reason = (report or {}).get("stop_reason")
+    if isinstance(reason, str):
+        row["stop_reason"], row["reached"] = reason, reason == "reached"
+
+
+def drag_summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """Over the scored samples with an edit report: the reached rate, the stop reasons and the
+    distribution of final handle-to-target distances (image px)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    told = [r for r in ok if r["stop_reason"] is not None]
+    dists = sorted(r["final_dist_px"] for r in ok if r["final_dist_px"] is not None)
+    out: dict[str, Any] = {"samples": len(told), "reached": sum(bool(r["reached"]) for r in told),
+                           "reached_rate": round(sum(bool(r["reached"]) for r in told) / len(told), 4) if told else None,
+                           "stop_reasons": {k: sum(r["stop_reason"] == k for r in told)
+                                            for k in sorted({r["stop_reason"] for r in told})},
+                           "final_dist_px": None}
+    if dists:
+        q = lambda f: dists[min(len(dists) - 1, int(round(f * (len(dists) - 1))))]  # noqa: E731 (nearest rank)
+        out["final_dist_px"] = {"n": len(dists), "mean": round(sum(dists) / len(dists), 3), "min": dists[0],
+                                "median": round(statistics.median(dists), 3), "p90": q(0.9), "max": dists[-1]}
+    return out
+
+
+def score_baseline(rows: Sequence[dict], metrics: Sequence[Any], samples: dict[str, Sample]) -> dict[str, dict]:
+    """The metrics of the unedited input (result = original, final handles = the handles) over the
+    samples the method was scored on: what a method must beat to have moved anything."""
+    base = []
+    for r in rows:
+        if r["status"] != "ok" or r["id"] not in samples:
+            continue
+        s = samples[r["id"]]
+        row = {**new_row(s), "group": r["group"]}
+        score_row(row, metrics, s, s.image, [list(h) for h, _ in s.pairs])
+        base.append(row)
+    return {m.name: _aggregate(m, base) for m in metrics}
 
 
 def _metric_sig(metric: Any) -> dict[str, Any]:
@@ -211,7 +260,8 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
     keys = metric_keys(rows, metrics)
     phases = [p for p in PHASES if any(p in r["timings"] for r in rows)]
     phases += sorted({p for r in rows for p in r["timings"]} - set(phases))
-    header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys] + ["final_handles", "time_total_s"]
+    header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys]
+              + ["stop_reason", "reached", "final_dist_px", "final_handles_xy", "time_total_s"]
               + [f"time_{p}_s" for p in phases] + (["resumed"] if resumed else []))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -220,6 +270,8 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
         t = r["timings"]
         w.writerow([csv_text(r["id"]), csv_text(r["group"]), r["status"], csv_text(r["error"]), r["n_pairs"]]
                    + [fmt_cell(r["scores"].get(m, {}).get(k)) for m, k in keys]
+                   + [r.get("stop_reason") or "", "" if r.get("reached") is None else str(r["reached"]).lower(),
+                      fmt_cell(r.get("final_dist_px"))]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       fmt_cell(round(sum(t.values()), 4)) if t else ""]
                    + [fmt_cell(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else []))
@@ -248,7 +300,7 @@ def _counts(rows: Sequence[dict]) -> dict[str, int]:
 
 
 def build_summary(rows: list[dict], metrics: Sequence[Any], *, command: str, dataset: dict, config: Any,
-                  extra: dict | None = None, wall_s: float | None = None) -> dict:
+                  extra: dict | None = None, wall_s: float | None = None, baseline: dict | None = None) -> dict:
     groups = sorted({r["group"] for r in rows})
     overall = {m.name: _aggregate(m, rows) for m in metrics}
     by_group = {g: {m.name: _aggregate(m, [r for r in rows if r["group"] == g]) for m in metrics} for g in groups}
@@ -261,11 +313,15 @@ def build_summary(rows: list[dict], metrics: Sequence[Any], *, command: str, dat
                              "higher_is_better": bool(getattr(m, "higher_is_better", False))} for m in metrics},
         "counts": _counts(rows),
         "groups": {g: _counts([r for r in rows if r["group"] == g]) for g in groups},
-        "aggregate": {"overall": overall, "by_group": by_group},
+        "aggregate": {"overall": overall, "by_group": by_group,
+                      **({"baseline_unedited": baseline} if baseline is not None else {})},
+        "drag": drag_summary(rows),
         "totals": {"edit_time_s": round(sum(ok_times), 3),
                    "mean_edit_time_s": round(sum(ok_times) / len(ok_times), 3) if ok_times else None,
                    "wall_time_s": None if wall_s is None else round(wall_s, 3)},
         "failed": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+        "samples": [{"id": r["id"], "status": r["status"], "stop_reason": r["stop_reason"], "reached": r["reached"],
+                     "final_dist_px": r["final_dist_px"]} for r in rows],
         "missing": [r["id"] for r in rows if r["status"] == "missing"],
         **(extra or {}),
     })
@@ -301,6 +357,9 @@ def counts_line(summary: dict) -> str:
     c = summary["counts"]
     failed = f"{c['failed']} failed" + (f" ({c['malformed']} malformed)" if c.get("malformed") else "")
     line = f"{c['ok']} ok, {failed}, {c['missing']} missing of {c['total']} samples"
+    d = summary.get("drag") or {}
+    if d.get("samples"):
+        line += f"; {d['reached']} of {d['samples']} reached their targets"
     if summary.get("command") == "bench":
         line += f" (edited now {c['edited']}, resumed {c['skipped']})"
     return line
@@ -313,11 +372,13 @@ def summary_table(summary: dict) -> Any:
     agg = summary["aggregate"]
     groups = [g for g, vals in agg["by_group"].items() if any(vals.values())]
     show_groups = groups if 1 < len(groups) <= 6 else []
-    table = Table("metric", "all", *show_groups)
+    base = agg.get("baseline_unedited")
+    table = Table("metric", "all", *(["unedited input"] if base is not None else []), *show_groups)
     table.columns[0].no_wrap = True
     for name, vals in agg["overall"].items():
         for k, v in vals.items():
-            table.add_row(k, md_num(v), *(md_num(agg["by_group"][g].get(name, {}).get(k)) for g in show_groups))
+            table.add_row(k, md_num(v), *([md_num(base.get(name, {}).get(k))] if base is not None else []),
+                          *(md_num(agg["by_group"][g].get(name, {}).get(k)) for g in show_groups))
     return table
 
 def md_num(v: Any) -> str:

@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -34,14 +35,15 @@ import attrs
 from PIL import Image
 
 from gooddrag.core.config import DEFAULT_MODEL
-from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError
+from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
 from gooddrag.core.runners import JobLost, RunnerEvent
 from gooddrag.core.samples import MalformedSample, Sample
 from gooddrag.app.bench.report import write_report
-from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, error_line, final_points, hash_file, metric_keys,
-                                        new_row, placement_and_throughput, read_run_json, sample_dir, score_row,
+from gooddrag.app.bench.results import (METHOD_FIELDS, build_summary, drag_outcome, error_line, final_points, hash_file,
+                                        metric_keys, new_row, placement_and_throughput, read_run_json, sample_dir,
+                                        score_baseline, score_row,
                                         write_tables)
 #: result files accepted by ``score`` inside a per-sample folder, in order of preference
 RESULT_NAMES = ("result.png", "output_image.png", "dragged_image.png")
@@ -191,6 +193,7 @@ class BenchOptions:
     seed: int = 0
     width: int = 512
     prompts: bool = True
+    baseline: bool = False  # also score the unedited inputs, shown beside the method in the report
 
 
 def _method_diff(want: dict, have: dict) -> str | None:
@@ -385,11 +388,11 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     edit_clock: dict[str, float] = {}
     workers: set[str] = set()
 
-    def flush() -> dict:
+    def flush(base: dict | None = None) -> dict:
         wall = edit_clock["end"] - edit_clock["start"] if "end" in edit_clock else None
         extra = placement_and_throughput(ordered, opts.runner, workers, wall)
         summary = build_summary(ordered, metrics, command="bench", dataset=dataset_info, config=config_info,
-                                extra=extra, wall_s=time.perf_counter() - t_start)
+                                extra=extra, wall_s=time.perf_counter() - t_start, baseline=base)
         write_tables(out, ordered, metrics, summary)
         return summary
 
@@ -456,7 +459,7 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
         close = getattr(results, "close", None)
         if close:
             close()
-    summary = flush()
+    summary = flush(score_baseline(ordered, metrics, by_id) if opts.baseline else None)
     head = [f"Dataset: {dataset_name} `{opts.dataset_dir}`, {len(samples)} samples"
             + (f" (--limit {opts.limit})" if opts.limit else "") + (f" (--shard {opts.shard})" if shard else ""),
             "",
@@ -484,6 +487,7 @@ def _fill_from_report(row: dict, report: dict, sample: Sample, path: Path | None
         t = report.get("timings_s") or {}
         row["timings"] = {str(k): float(v) for k, v in t.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        drag_outcome(row, report, sample)
     except (AttributeError, TypeError, ValueError) as exc:
         row["final_handles"], row["timings"], row["placement"] = None, {}, None
         raise BadInputError(f"{path or 'run.json'} has a field of the wrong type ({type(exc).__name__}); "
@@ -525,18 +529,20 @@ def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, plugins: list,
     try:
         if not keep:
             raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
-        res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
-                          schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
-                          overrides=list(opts.params), lora=opts.lora,
-                          prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
-                          plugins=plugins)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GoodDragWarning)  # the sample's input notes go to run.json only
+            res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
+                              schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
+                              overrides=list(opts.params), lora=opts.lora,
+                              prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
+                              plugins=plugins)
         finals = [[float(c) for c in h] for h, _ in sample.pairs]
         for i, f in zip(keep, res.points):
             finals[i] = list(f)
         res.report["bench"] = {"sample": sample.id, "group": sample.group, "dataset": dataset_name,
                                "dataset_folder": str(opts.dataset_dir),
-                               "pairs": [[list(h), list(t)] for h, t in sample.pairs],
-                               "dragged_pairs": keep, "final_handles_all_pairs": finals,
+                               "pairs_xy": [[list(h), list(t)] for h, t in sample.pairs],
+                               "dragged_pairs": keep, "final_handles_xy_all_pairs": finals,
                                "prompt": sample.prompt if opts.prompts else "", "worker": where}
         files = result_files(sample.image, res)
         return {"sample": sample, "error": None, "image": res.image, "report": res.report, "files": files,
@@ -579,8 +585,11 @@ def find_result(results_dir: Path, sample_id: str) -> Path | None:
 
 def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", metrics: str = "dai",
               metric_params: Sequence[str] = (), out: Path | None = None, registry: Registry | None = None,
-              log: Log = _stderr) -> dict:
-    """Score a folder of results of any method against the dataset. Returns the summary dict."""
+              log: Log = _stderr, limit: int | None = None, sample_ids: Sequence[str] = (),
+              baseline: bool = False) -> dict:
+    """Score a folder of results of any method against the dataset. Returns the summary dict.
+    ``limit`` keeps the first N samples (sorted by id, as ``bench --limit``), ``sample_ids`` only
+    those ids; ``baseline`` also scores the unedited inputs."""
     reg = registry or default_registry()
     t_start = time.perf_counter()
     results_dir = Path(results_dir)
@@ -588,7 +597,14 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
         raise BadInputError(f"results folder {str(results_dir)!r} does not exist or is not a folder")
     mets = load_metrics(reg, metrics, metric_params)
     ds, ds_name = open_dataset(reg, dataset_dir, dataset)
-    samples = select_samples(ds, dataset_dir)
+    samples = select_samples(ds, dataset_dir, limit)
+    if sample_ids:
+        known = {s.id for s in samples}
+        unknown = [i for i in sample_ids if i not in known]
+        if unknown:
+            raise BadInputError(f"sample {unknown[0]!r} is not in {str(dataset_dir)!r}"
+                                + (f" (within the first {limit})" if limit else "") + "; check the id")
+        samples = [s for s in samples if s.id in set(sample_ids)]
     if not samples:
         raise BadInputError(f"no samples found in {str(dataset_dir)!r}")
     out = Path(out) if out is not None else results_dir
@@ -620,11 +636,14 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     if not found:
         log(f"warning: no result image found for any of the {len(samples)} samples in {results_dir}; "
             "see docs/evaluation.md for the accepted layouts")
-    dataset_info = {"name": ds_name, "folder": str(dataset_dir), "selected": len(samples)}
+    dataset_info = {"name": ds_name, "folder": str(dataset_dir), "selected": len(samples), "limit": limit,
+                    "samples": list(sample_ids) or None}
+    by_id = {s.id: s for s in samples}
     summary = build_summary(rows, mets, command="score", dataset=dataset_info, config=config,
-                            extra={"results_dir": str(results_dir)}, wall_s=time.perf_counter() - t_start)
+                            extra={"results_dir": str(results_dir)}, wall_s=time.perf_counter() - t_start,
+                            baseline=score_baseline(rows, mets, by_id) if baseline else None)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(out, rows, mets, summary)
-    write_report(out, rows, mets, summary, {s.id: s for s in samples}, "gooddrag score report",
+    write_report(out, rows, mets, summary, by_id, "gooddrag score report",
                  [f"Results: `{results_dir}`", "", f"Dataset: {ds_name} `{dataset_dir}`, {len(samples)} samples", ""])
     return summary

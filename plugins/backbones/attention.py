@@ -1,4 +1,4 @@
-"""Mutual self-attention for the finishing phase (SPEC 9), as a diffusers attention processor."""
+"""Mutual self-attention for the finishing phase (docs/method.md, section 6), as a diffusers attention processor."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 class MutualSelfAttention:
-    """Self-attention processor for the finishing phase (SPEC 9). The batch is [reference, edited]:
+    """Self-attention processor for the finishing phase. The batch is [reference, edited]:
     the reference half attends to itself, the edited half's queries attend to the reference's keys
     and values. Projections are the module's own, so LoRA-adapted layers are used as they are."""
 

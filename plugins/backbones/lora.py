@@ -1,4 +1,4 @@
-"""The per-image LoRA (SPEC 3) of a Stable Diffusion backbone: trained once per image on random
+"""The per-image LoRA (docs/method.md, section 1) of a Stable Diffusion backbone: trained once per image on random
 crops, cached on disk by everything that changes it, and fused into the UNet for editing.
 
 A cache entry is written with the SHA-256 of its weights; an entry that is truncated, empty,
@@ -153,12 +153,12 @@ class PerImageLora:
 
     def load(self, path: Path) -> None:
         if not path.exists():
-            raise BadInputError(f"--lora {path}: no such file or folder; pass a LoRA saved by gooddrag/diffusers, auto or off")
+            raise BadInputError(f"lora {str(path)!r}: no such file or folder; pass a LoRA saved by gooddrag/diffusers, auto or off")
         try:
             self.pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
         except (OSError, ValueError, RuntimeError) as exc:  # truncated or foreign file
             self.drop()
-            raise BadInputError(f"--lora {path} cannot be loaded ({type(exc).__name__}); "
+            raise BadInputError(f"lora {str(path)!r} cannot be loaded ({type(exc).__name__}); "
                                 "pass a LoRA saved by gooddrag/diffusers, auto or off") from None
         self.unet.requires_grad_(False)
 

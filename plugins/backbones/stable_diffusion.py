@@ -22,14 +22,15 @@ from gooddrag.core.errors import BadInputError, ModelNotFoundError, RequirementE
 from gooddrag.core.params import p
 from gooddrag.plugins.backbones.attention import MutualSelfAttention
 from gooddrag.plugins.backbones.lora import PerImageLora
+from gooddrag.plugins.backbones.quiet import quiet_libraries
 
 SD15_MODEL = DEFAULT_MODEL
 SD15_VAE = "stabilityai/sd-vae-ft-mse"
 
 
-def _hub_hint(what: str, name: str, flag: str) -> str:
+def _hub_hint(what: str, name: str) -> str:
     return (f"{what} {name!r} is not available locally and the hub cannot be reached; download it once "
-            f"(hf download {name}) or pass a local copy with {flag} DIR")
+            f"(hf download {name}) or give the {what} as a local copy (a diffusers folder or a file)")
 
 
 class StableDiffusionBackbone:
@@ -41,6 +42,7 @@ class StableDiffusionBackbone:
     #: exact fast paths the engine may use (see DragContext): FeatureMaps, and stopping after the
     #: feature block when the loss reads no eps
     fast_paths = frozenset({"patch_features", "features_only"})
+    quiet = staticmethod(quiet_libraries)  # called by Editor.from_pretrained unless verbose=True
 
     @attrs.frozen(kw_only=True)
     class Params:
@@ -61,7 +63,7 @@ class StableDiffusionBackbone:
         self._captured: torch.Tensor | None = None
         self._features_only = False  # while True, the UNet pass stops once the feature block has run
         self._timesteps: dict[int, torch.Tensor] = {}  # device tensors of the timesteps, made once
-        self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
+        self._feature_hook = self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -95,6 +97,16 @@ class StableDiffusionBackbone:
         """Speed settings that keep results equal up to float rounding: the UNet's convolutions in
         channels-last layout (what oneDNN and cuDNN kernels prefer)."""
         self.unet.to(memory_format=torch.channels_last)
+
+    def configure(self, params: "StableDiffusionBackbone.Params") -> None:
+        """Use ``params`` for the next edit (``backbone.*`` overrides): moves the feature hook."""
+        if params.feature_block >= len(self.unet.up_blocks):
+            raise BadInputError(f"backbone.feature_block={params.feature_block}: this UNet has "
+                                f"{len(self.unet.up_blocks)} up blocks; use 0..{len(self.unet.up_blocks) - 1}")
+        if params.feature_block != self.params.feature_block:
+            self._feature_hook.remove()
+            self._feature_hook = self.unet.up_blocks[params.feature_block].register_forward_hook(self._capture)
+        self.params = params
 
     # --- sampler ------------------------------------------------------------------------------
 
@@ -219,7 +231,7 @@ class StableDiffusionBackbone:
         self._captured = None
         return eps[:1], eps[1:]
 
-    # --- per-image LoRA (SPEC 3) ----------------------------------------------------------------
+    # --- per-image LoRA (docs/method.md, section 1) -------------------------------------------------
 
     def use_lora(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
         """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`."""
@@ -235,11 +247,11 @@ def check_attention(attention: str, device: torch.device) -> str:
     if attention in ("auto", "sdpa"):
         return "sdpa"
     if device.type != "cuda":
-        raise RequirementError("--attention xformers needs a CUDA device; use --attention sdpa on this machine")
+        raise RequirementError("attention xformers needs a CUDA device; use attention sdpa (or auto) on this machine")
     try:
         import xformers.ops  # noqa: F401
     except ImportError:
-        raise RequirementError("--attention xformers needs the extra: pip install 'gooddrag[xformers]'") from None
+        raise RequirementError("attention xformers needs the extra: pip install 'gooddrag[xformers]'") from None
     return "xformers"
 
 
@@ -251,18 +263,18 @@ def _load_pipeline(model: str, dtype: torch.dtype) -> Any:
     try:
         if path.is_file():
             if path.suffix not in (".safetensors", ".ckpt"):
-                raise BadInputError(f"--model {model}: a single-file model must be .safetensors or .ckpt")
+                raise BadInputError(f"model {model!r}: a single-file model must be .safetensors or .ckpt")
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         if path.is_dir():
             return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         if "/" not in model or model.startswith((".", "/")):
-            raise ModelNotFoundError(f"--model {model!r}: no such folder or file, and not a hub id (owner/name); "
+            raise ModelNotFoundError(f"model {model!r}: no such folder or file, and not a hub id (owner/name); "
                                      "pass a diffusers folder, a .safetensors file or a hub id")
         return StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except (BadInputError, ModelNotFoundError):
         raise
     except Exception as exc:  # diffusers/hub raise OSError, EnvironmentError, ValueError, hub errors
-        raise ModelNotFoundError(_hub_hint("model", model, "--model")) from exc
+        raise ModelNotFoundError(_hub_hint("model", model)) from exc
 
 
 def swap_vae(pipe: Any, model: str, vae: str, dtype: torch.dtype) -> None:
@@ -284,7 +296,7 @@ def swap_vae(pipe: Any, model: str, vae: str, dtype: torch.dtype) -> None:
         else:
             new = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
     except Exception as exc:
-        raise ModelNotFoundError(_hub_hint("VAE", vae, "--vae") + ", or --vae model to keep the checkpoint's own") from exc
+        raise ModelNotFoundError(_hub_hint("VAE", vae) + ", or use the VAE 'model' to keep the checkpoint's own") from exc
     pipe.vae = new
 
 

@@ -264,7 +264,7 @@ def _make_components(tok_dir: Path, seed: int) -> dict:
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon"):
-    """DDIM with Stable Diffusion's settings (SPEC 2): scaled-linear betas, leading spacing, offset 1."""
+    """DDIM with Stable Diffusion's settings: scaled-linear betas, leading spacing, offset 1."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

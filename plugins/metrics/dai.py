@@ -1,4 +1,4 @@
-"""DAI, the Dragging Accuracy Index of GoodDrag (SPEC section 12). Lower is better.
+"""DAI, the Dragging Accuracy Index of GoodDrag (docs/metrics.md). Lower is better.
 
 For each handle/target pair i and patch radius g, with images as RGB floats in [0, 1] and no
 resizing (the result must have the original's size)::

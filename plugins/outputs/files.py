@@ -44,13 +44,18 @@ def draw_points(image: Image.Image, handles, targets, finals=None) -> Image.Imag
 
 def points_figure(original: Image.Image, result: Image.Image, report: dict) -> Image.Image:
     """Input with handles/targets beside the result with final handles."""
-    left = draw_points(original, report["handles"], report["targets"])
-    right = draw_points(result, report["handles"], report["targets"], report["final_handles"])
+    left = draw_points(original, report["handles_xy"], report["targets_xy"])
+    right = draw_points(result, report["handles_xy"], report["targets_xy"], report["final_handles_xy"])
     w, h = original.size
     fig = Image.new("RGB", (2 * w + 8, h), (255, 255, 255))
     fig.paste(left, (0, 0))
     fig.paste(right, (w + 8, 0))
     return fig
+
+
+#: every file or folder an edit may write into its output folder; a new edit into the same folder
+#: replaces the whole set, so no file of an earlier edit is left beside the new result
+OUTPUT_NAMES = ("result.png", "points.png", "run.json", "trace.jsonl", "drag.gif", "drag.mp4", "frames")
 
 
 def check_output_set(out_dir: Path, names: Any, inputs: dict[str, Any]) -> None:
@@ -81,9 +86,13 @@ def check_output_set(out_dir: Path, names: Any, inputs: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def staging(out_dir: Path) -> Iterator[Path]:
+def staging(out_dir: Path, replaces: tuple[str, ...] = (), removed: list[str] | None = None) -> Iterator[Path]:
     """A hidden temporary folder inside ``out_dir``; on success its files replace those in
-    ``out_dir`` (each by an atomic rename); on failure it is removed and nothing is left behind."""
+    ``out_dir`` (each by an atomic rename); on failure it is removed and nothing is left behind.
+
+    Names in ``replaces`` that the new edit did not write are removed from ``out_dir`` after the
+    move (and appended to ``removed``), so the folder holds one edit's outputs, not a mix of two.
+    """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,9 +105,20 @@ def staging(out_dir: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out_dir / f.name)
+    written = sorted(tmp.iterdir())
+    for f in written:
+        dest = out_dir / f.name
+        if f.is_dir() and dest.is_dir():
+            shutil.rmtree(dest)  # a folder (frames/) cannot be renamed over a non-empty one
+        os.replace(f, dest)
     tmp.rmdir()
+    names = {f.name for f in written}
+    for name in replaces:
+        stale = out_dir / name
+        if name not in names and (stale.exists() or stale.is_symlink()):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+            if removed is not None:
+                removed.append(name)
 
 
 def clear_partials(out_dir: Path) -> None:

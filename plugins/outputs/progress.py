@@ -8,7 +8,8 @@ from gooddrag.core.hookspecs import hookimpl
 
 
 class ProgressDisplay:
-    """A rich progress line: current phase, gradient steps and tracked distance."""
+    """A live terminal line (rich): the current phase and, while dragging, the timestep and gradient
+    steps, so a long edit shows it is alive. An edit plugin; call ``stop()`` after the edit."""
 
     def __init__(self, console: Any = None):
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -9,10 +9,18 @@ from gooddrag.core.hookspecs import hookimpl
 
 
 class TraceWriter:
-    """Writes trace.jsonl: one object per gradient step, tracking event and the stop."""
+    """Writes trace.jsonl: one object per gradient step, tracking event and the stop, to see how an
+    edit converged. An edit plugin: ``with TraceWriter(path) as t: editor.edit(..., plugins=[t])``.
+    Points are (row, col) on the feature grid (half the working resolution)."""
 
     def __init__(self, path: Path):
         self.file = open(path, "w")
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _write(self, obj: dict) -> None:
         self.file.write(json.dumps(obj) + "\n")
@@ -24,7 +32,7 @@ class TraceWriter:
 
     @hookimpl
     def gooddrag_points_tracked(self, timestep, drag, points):
-        self._write({"event": "track", "timestep": timestep, "drag": drag, "points": points.cpu().tolist()})
+        self._write({"event": "track", "timestep": timestep, "drag": drag, "points_grid_rc": points.cpu().tolist()})
 
     @hookimpl
     def gooddrag_drag_stopped(self, timestep, reason):
