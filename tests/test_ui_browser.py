@@ -187,7 +187,7 @@ def test_edit_in_the_browser(page, server, tmp_path):
     assert run["config"]["schedule_params"]["drags_per_timestep"] == 3
     assert run["config"]["model"] == "tiny-random" and run["lora"] == "off"
     assert run["input"]["mask"] == "brushed" and len(run["input"]["points"]) == 2
-    final = run["final_handles"][0]
+    final = run["final_handles_xy"][0]
     expect(page.locator("#status")).to_contain_text(f"final handles ({final[0]}, {final[1]})")
     # the result shown in the page is the result with the final handle drawn (a green ring) on it
     src = page.locator("#result img").get_attribute("src")
