@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gooddrag.core.contracts import describe
 from gooddrag.core.engine import DragContext, Events, LossParts, Outcome, Points, Reference, drag_window
 from gooddrag.core.errors import RequirementError
 from gooddrag.plugins.backbones.tiny_pipeline import build_tiny_pipeline, load_tiny_pipeline, tiny_pipeline_dir  # noqa: F401
@@ -88,12 +89,6 @@ def check_params(kind: str, cls: type) -> Any:
     return params
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor {tuple(x.shape)} on {x.device}"
-    return type(x).__name__
-
-
 def check_tracker(cls: type) -> None:
     """A tracker returns points like its input and finds an exact copy of the reference vector planted
     near each point (within TRACK_TOLERANCE feature-grid px)."""
@@ -107,7 +102,7 @@ def check_tracker(cls: type) -> None:
         feats[0, :, r, c] = v
     out = tracker.track(ref, feats, points)
     like = isinstance(out, torch.Tensor) and out.shape == points.shape and out.dtype == points.dtype
-    expect(like, f"tracker {cls.name!r}.track(...)", f"{_describe(points)} like its input points", _describe(out))
+    expect(like, f"tracker {cls.name!r}.track(...)", f"{describe(points)} like its input points", describe(out))
     err = float((out - planted).abs().max())
     expect(err <= TRACK_TOLERANCE, f"tracker {cls.name!r} on planted features",
            f"{planted.tolist()} within {TRACK_TOLERANCE} px", f"{out.tolist()}")
@@ -122,11 +117,11 @@ def check_loss(cls: type) -> None:
     eps, feats = ctx.forward(z, t)
     parts = loss(ctx, z, t, feats, eps, ctx.points)
     what = f"loss {cls.name!r}"
-    expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", _describe(parts))
+    expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", describe(parts))
     for field in ("total", "motion", "preserve"):
         part = getattr(parts, field)
         ok = isinstance(part, torch.Tensor) and part.dim() == 0 and math.isfinite(float(part.detach()))
-        expect(ok, f"{what} LossParts.{field}", "a finite 0-d tensor", _describe(part))
+        expect(ok, f"{what} LossParts.{field}", "a finite 0-d tensor", describe(part))
     parts.total.backward()
     grad = z.grad
     expect(grad is not None, f"{what} total", "a value with a gradient on the latent", "no gradient")
@@ -149,9 +144,9 @@ def check_schedule(cls: type) -> None:
            f"a non-empty list within [{start}, {num_steps})", indices)
     ctx = make_toy_context(loss, tracker, num_steps=num_steps, start=start, indices=indices)
     out = schedule.run(ctx)
-    expect(isinstance(out, Outcome), f"{what}.run(ctx)", "an Outcome", _describe(out))
+    expect(isinstance(out, Outcome), f"{what}.run(ctx)", "an Outcome", describe(out))
     expect(out.latent.shape == ctx.z_start.shape, f"{what} Outcome.latent", f"shape {tuple(ctx.z_start.shape)}",
-           _describe(out.latent))
+           describe(out.latent))
     expect(out.next_index in ctx.reference.latents, f"{what} Outcome.next_index",
            f"a reference index in {sorted(ctx.reference.latents)} (start .. last drag + 1)", out.next_index)
     reasons = {"reached", "patience", "schedule_end", "loss_threshold"}
@@ -163,23 +158,23 @@ def check_backbone(backbone: Any) -> None:
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     z = backbone.encode(image.to(backbone.device))
     expect(z.shape == (1, 4, 8, 8) and z.dtype == torch.float32, "encode(1x3x64x64)", "float32 (1, 4, 8, 8)",
-           _describe(z))
+           describe(z))
     ddim = backbone.sampler(10)
     t = ddim.timesteps[2]
     eps, feats = backbone.eps_and_features(z, t)
-    expect(eps.shape == z.shape, "eps_and_features eps", f"shape {tuple(z.shape)}", _describe(eps))
-    expect(feats.shape[-2:] == (32, 32), "eps_and_features features", "a (1, C, 32, 32) map", _describe(feats))
+    expect(eps.shape == z.shape, "eps_and_features eps", f"shape {tuple(z.shape)}", describe(eps))
+    expect(feats.shape[-2:] == (32, 32), "eps_and_features features", "a (1, C, 32, 32) map", describe(feats))
     step = backbone.ddim_step(z, eps, t)
-    expect(step.shape == z.shape, "ddim_step", f"shape {tuple(z.shape)}", _describe(step))
+    expect(step.shape == z.shape, "ddim_step", f"shape {tuple(z.shape)}", describe(step))
     e_ref, e_edit = backbone.eps_mutual(z, z, t)
     expect(e_ref.shape == e_edit.shape == z.shape, "eps_mutual", f"two {tuple(z.shape)} tensors",
-           f"{_describe(e_ref)}, {_describe(e_edit)}")
+           f"{describe(e_ref)}, {describe(e_edit)}")
     diff = float((e_ref - e_edit).abs().max())
     expect(diff <= 1e-5, "eps_mutual with identical branches", "the same eps for both (max diff <= 1e-5)",
            f"max diff {diff:.3g}")
     x = backbone.decode(z)
     expect(x.shape == (1, 3, 64, 64) and float(x.min()) >= 0 and float(x.max()) <= 1, "decode",
-           "(1, 3, 64, 64) in [0, 1]", f"{_describe(x)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+           "(1, 3, 64, 64) in [0, 1]", f"{describe(x)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
 
 
 def check_metric(cls: type, sample: Any = None, result: Image.Image | None = None) -> None:
@@ -198,7 +193,7 @@ def check_metric(cls: type, sample: Any = None, result: Image.Image | None = Non
     bad = {k: type(v).__name__ for k, v in row.items() if not isinstance(v, float)}
     expect(not bad, f"metric {cls.name!r}.score() values", "floats", bad)
     agg = metric.aggregate([row, row])
-    expect(isinstance(agg, dict), f"metric {cls.name!r}.aggregate()", "a dict", _describe(agg))
+    expect(isinstance(agg, dict), f"metric {cls.name!r}.aggregate()", "a dict", describe(agg))
 
 
 def check_component(kind: str, cls: type) -> None:

@@ -140,10 +140,10 @@ def test_contract_suite_says_what_was_expected_and_what_came_back(install):
 
     with pytest.raises(ContractError) as exc:
         check_component("tracker", WrongShapeTracker)
-    assert str(exc.value) == ("tracker 'wrong-shape'.track(...): expected torch.float32 tensor (2, 2) on cpu like its "
-                              "input points, got torch.float32 tensor (2, 1) on cpu")
+    assert str(exc.value) == ("tracker 'wrong-shape'.track(...): expected a torch.float32 tensor of shape (2, 2) on cpu "
+                              "like its input points, got a torch.float32 tensor of shape (2, 1) on cpu")
     with pytest.raises(ContractError, match=r"loss 'tuple-loss' return value: expected LossParts\(total, motion, "
-                                            r"preserve\), got tuple"):
+                                            r"preserve\), got a tuple$"):
         check_component("loss", TupleLoss)
 
 
