@@ -90,11 +90,7 @@ class Reference:
         """F0_t on the feature grid, (1, C, H/2, W/2); the last one asked for is cached (the same
         object for the whole timestep)."""
         if self._cached is None or self._cached[0] != t:
-            low = self._lowres[t]
-            if self.patch_features:
-                self._cached = (t, FeatureMap(low, feature_grid(self.backbone, self._latent_hw)))
-            else:
-                self._cached = (t, self.backbone.upsample_features(low, self._latent_hw))
+            self._cached = (t, grid_features(self.backbone, self._lowres[t], self._latent_hw, self.patch_features))
         return self._cached[1]
 
     def vectors(self, t: int, points: torch.Tensor) -> torch.Tensor:
@@ -166,10 +162,7 @@ class DragContext:
             eps, low = self.backbone.eps_and_features(z, t, upsample=False, need_eps=False)
         else:
             eps, low = self.backbone.eps_and_features(z, t, upsample=False)
-        hw = z.shape[-2:]
-        if self.patch_features:
-            return eps, FeatureMap(low, feature_grid(self.backbone, hw))
-        return eps, self.backbone.upsample_features(low, hw)
+        return eps, grid_features(self.backbone, low, z.shape[-2:], self.patch_features)
 
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
@@ -196,10 +189,13 @@ class DragContext:
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
 
 
-def feature_grid(backbone: Any, latent_hw: Any) -> tuple[int, int]:
-    """(H/2, W/2): the feature grid of a latent (h, w), ``feature_scale`` (4) times its size."""
-    s = backbone.feature_scale
-    return s * int(latent_hw[0]), s * int(latent_hw[1])
+def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: bool) -> Features:
+    """The backbone's raw features on the feature grid (H/2, W/2): a FeatureMap, computed only where
+    read (``lazy``; the grid is ``feature_scale`` times the latent (h, w)), or the dense upsampled map."""
+    if lazy:
+        s = backbone.feature_scale
+        return FeatureMap(lowres, (s * int(latent_hw[0]), s * int(latent_hw[1])))
+    return backbone.upsample_features(lowres, latent_hw)
 
 
 def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:
