@@ -168,8 +168,9 @@ class Registry:
         self._items: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
         self._owner: dict[tuple[str, str], str] = {}
         self.infos: dict[str, PluginInfo] = dict(getattr(pm, "infos", {}))
-        plugins = sorted(pm.list_name_plugin(), key=lambda np: (not _module_of(np[1]).startswith(_BUILTIN_PREFIX), np[0]))
-        for name, plugin in plugins:
+        # registration order: make_plugin_manager registers built-ins first (_load_order), so a
+        # third-party plugin that reuses a built-in name is the one refused
+        for name, plugin in pm.list_name_plugin():
             if plugin is None:  # blocked
                 continue
             try:
