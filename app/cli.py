@@ -63,6 +63,9 @@ def edit(
     dtype: str = O.DTYPE,
     attention: str = O.ATTENTION,
     faithful: bool = O.FAITHFUL,
+    precision: str = O.PRECISION,
+    low_memory: bool = O.LOW_MEMORY,
+    compile: bool = O.COMPILE,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
@@ -82,7 +85,8 @@ def edit(
     reg = default_registry()
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
                          model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
-                         width=width, faithful=faithful)
+                         width=width, faithful=faithful, precision=precision, low_memory=low_memory,
+                         compile=compile)
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
@@ -109,7 +113,8 @@ def edit(
     from gooddrag.plugins.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
-                                    faithful=faithful, registry=reg)
+                                    faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
+                                    registry=reg)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
     removed: list[str] = []
@@ -199,6 +204,9 @@ def ui(
     device: str = O.DEVICE,
     dtype: str = O.DTYPE,
     attention: str = O.ATTENTION,
+    precision: str = O.PRECISION,
+    low_memory: bool = O.LOW_MEMORY,
+    compile: bool = O.COMPILE,
     preset: str = O.PRESET,
     lora: str = O.LORA,
     width: int = O.WIDTH,
@@ -213,11 +221,13 @@ def ui(
 
     require_gradio()
     resolve_config(default_registry(), preset=preset, model=model, vae=vae, lora=lora, device=device, dtype=dtype,
-                   attention=attention, width=width)  # bad options fail here, in one line, before serving
+                   attention=attention, width=width, precision=precision,
+                   low_memory=low_memory, compile=compile)  # bad options fail here, in one line, before serving
     O.silence_libraries()
     from gooddrag.app.ui.page import UiSettings
 
     settings = UiSettings(model=model, vae=vae, device=device, dtype=dtype, attention=attention, width=width,
+                          precision=precision, low_memory=low_memory, compile=compile,
                           lora=lora, preset=preset, out=out or default_out(), samples=samples)
     typer.echo(f"gooddrag ui: http://{host}:{port} (model {model}, loaded on the first edit; Ctrl-C stops)")
     launch(settings, host=host, port=port, quiet=True)

@@ -24,6 +24,13 @@ ATTENTION = typer.Option("auto", "--attention", help="auto, sdpa or xformers (CU
 SEED = typer.Option(0, "--seed", help="Random seed.")
 FAITHFUL = typer.Option(False, "--faithful", help="Reference code path: no fast paths, no TF32 (slower; "
                                                    "for checking that the fast paths change nothing).")
+PRECISION = typer.Option("auto", "--precision", help="Compute precision of the LoRA, reference and drag passes: "
+                         "auto (bf16 autocast where the device has native bf16, else fp32), fp32, bf16 or fp16. "
+                         "Weights, latent and losses stay fp32.")
+LOW_MEMORY = typer.Option(False, "--low-memory", help="Keep the VAE and text encoder in host memory except during "
+                          "their calls (same results; for GPUs with about 6 GB).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the UNet's transformer blocks (the first edit "
+                       "of each size compiles, later ones run faster; a compile error falls back to eager).")
 WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
 OUT = typer.Option(None, "--out", help="Output folder.")
 

@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: variant -> Editor options
 VARIANTS = {
     "faithful": {"faithful": True},
-    "default": {"faithful": False},
-    "default-bf16": {"faithful": False, "dtype": "bf16"},
+    "default": {"faithful": False},  # precision auto: bf16 autocast where the device has native bf16
+    "default-fp32": {"faithful": False, "precision": "fp32"},  # the exact fast paths alone
+    "default-bf16": {"faithful": False, "dtype": "bf16"},  # bf16 weights
+    "default-compile": {"faithful": False, "compile": True},  # timed after a warm-up edit that compiles
+    "low-memory": {"faithful": False, "low_memory": True},  # VAE and text encoder parked off the device
 }
 FULL = ["schedule.reach_distance=0", "schedule.patience=0"]
 #: a short GoodDrag at full resolution for the CPU: 4-step sampler (3 inversion steps), one drag timestep,
@@ -47,11 +50,12 @@ def child(args: argparse.Namespace) -> None:
     from gooddrag.core.editor import Editor
 
     opts = VARIANTS[args.variant]
+    load = dict(faithful=opts["faithful"], precision=opts.get("precision", "auto"),
+                low_memory=opts.get("low_memory", False), compile=opts.get("compile", False))
     torch.set_num_threads(args.threads or torch.get_num_threads())
     t0 = time.perf_counter()
     if args.tiny:
-        editor = Editor.from_pretrained("tiny-random", device=args.device, dtype=opts.get("dtype", "fp32"),
-                                        faithful=opts["faithful"])
+        editor = Editor.from_pretrained("tiny-random", device=args.device, dtype=opts.get("dtype", "fp32"), **load)
         image = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB")
         pairs = [((262, 240), (300, 262))]
         edit = dict(width=args.width, lora=args.lora, overrides=QUICK + ["lora.steps=2"])
@@ -62,13 +66,19 @@ def child(args: argparse.Namespace) -> None:
         backbone = random_sd15(args.device, opts.get("dtype", "fp32"))
         if not opts["faithful"]:
             backbone.optimize()
-        editor = Editor(backbone, faithful=opts["faithful"])
+        editor = Editor(backbone, **load)
         image, pairs = image512(), PAIRS
         edit = dict(lora=args.lora, overrides=QUICK if args.quick else FULL)
     load_s = time.perf_counter() - t0
     if args.preset != "gooddrag":
         edit["overrides"] = ["schedule.reach_distance=0"]
-    result = editor.edit(image, pairs, mask=_mask(image), preset=args.preset, **edit)
+    warmup_s = None
+    if load["compile"]:  # the first edit compiles; time the second, with a LoRA trained again
+        t1 = time.perf_counter()
+        editor.edit(image, pairs, mask=_mask(image, pairs), preset=args.preset, **edit)
+        warmup_s = round(time.perf_counter() - t1, 2)
+        os.environ["GOODDRAG_CACHE"] += "-timed"
+    result = editor.edit(image, pairs, mask=_mask(image, pairs), preset=args.preset, **edit)
     rep = result.report
     result.image.save(args.result + ".png")
     row = {"variant": args.variant, "preset": args.preset, "device_name": rep["device_name"], "load_s": round(load_s, 2),
@@ -76,17 +86,22 @@ def child(args: argparse.Namespace) -> None:
            "gradient_steps": rep["gradient_steps"], "drags": rep["drags"],
            "drag_step_s": round(rep["timings_s"]["drag"] / max(1, rep["gradient_steps"]), 4),
            "final_handles": rep["final_handles_xy"], "lora": rep["lora"].split(" ")[0],
-           "peak_memory_mb": rep["peak_memory_mb"] if args.device.startswith("cuda") else None}
+           "peak_memory_mb": rep["peak_memory_mb"] if args.device.startswith("cuda") else None,
+           "compute": rep["compute"], "warmup_s": warmup_s, "compiled": getattr(editor.backbone, "compiled", False)}
     Path(args.result + ".json").write_text(json.dumps(row))
 
 
-def _mask(image):
-    """The editable region: the middle half of the image (so the mask term and eps are in play)."""
+def _mask(image, pairs):
+    """The editable region: a box around the handles and targets with a margin of a quarter of the
+    image (so the mask term and eps are in play, and the points are inside it)."""
     from PIL import Image, ImageDraw
 
     w, h = image.size
+    xs = [p[0] for pair in pairs for p in pair]
+    ys = [p[1] for pair in pairs for p in pair]
     m = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(m).rectangle([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=255)
+    ImageDraw.Draw(m).rectangle([max(0, min(xs) - w // 4), max(0, min(ys) - h // 4),
+                                 min(w - 1, max(xs) + w // 4), min(h - 1, max(ys) + h // 4)], fill=255)
     return m
 
 

@@ -20,6 +20,10 @@ from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict
 from gooddrag.core.registry import Registry
 
+#: compute precision of the UNet passes that dominate an edit (LoRA training, reference, drag);
+#: resolved per device by core.devices.resolve_precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 #: the method's model (Stable Diffusion 1.5), used when --model is not given
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -65,6 +69,9 @@ class EditConfig:
     seed: int = 0
     width: int = 512
     faithful: bool = False  # the reference code path: no fast paths (slower; same result up to rounding)
+    compile: bool = False  # the UNet's transformer blocks through torch.compile (eager fallback)
+    low_memory: bool = False  # VAE and text encoder in host memory between their calls (same results)
+    precision: str = "auto"  # compute precision of the LoRA, reference and drag passes (PRECISIONS)
     backbone_params: Any = None
     #: where each value came from: {"loss": "preset gooddrag", "loss.lam": "override", ...}
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
@@ -183,6 +190,7 @@ def _check_runtime(runtime: Mapping[str, Any]) -> None:
     dtype = runtime.get("dtype", "fp32")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"dtype {dtype!r} is not supported; use fp32, fp16 or bf16")
+    check_precision(runtime.get("precision", "auto"), dtype, runtime.get("faithful", False))
     attention = runtime.get("attention", "auto")
     if attention not in ("auto", "sdpa", "xformers"):
         raise ConfigError(f"attention {attention!r} is not supported; use auto, sdpa or xformers")
@@ -203,3 +211,15 @@ def _check_runtime(runtime: Mapping[str, Any]) -> None:
     seed = runtime.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+
+
+def check_precision(precision: str, dtype: str, faithful: bool) -> None:
+    """Refuse an unknown precision, or one that contradicts the weights' dtype or the faithful path."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; use {', '.join(PRECISIONS)}")
+    if faithful and precision not in ("auto", "fp32"):
+        raise ConfigError(f"precision {precision} and faithful contradict each other: the faithful path computes "
+                          "in fp32; drop faithful, or use precision fp32")
+    if dtype != "fp32" and precision not in ("auto", dtype):
+        raise ConfigError(f"precision {precision} needs fp32 weights, but dtype is {dtype} (reduced-precision "
+                          f"weights compute in their own dtype); use dtype fp32, or precision auto")

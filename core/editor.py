@@ -14,9 +14,10 @@ import attrs
 import torch
 from PIL import Image
 
-from gooddrag.core.config import DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, resolve_config
+from gooddrag.core.config import (DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, check_precision,
+                                  resolve_config)
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
-from gooddrag.core.devices import DTYPE_NAMES
+from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
 from gooddrag.core.errors import ConfigError, DivergedError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
@@ -45,35 +46,57 @@ def select_backbone(registry: Registry, model: str) -> Any:
 class Editor:
     """Holds a loaded backbone and the plugin registry; edits any number of images."""
 
-    def __init__(self, backbone: Any, registry: Registry | None = None, faithful: bool = False):
+    def __init__(self, backbone: Any, registry: Registry | None = None, faithful: bool = False,
+                 precision: str = "auto", low_memory: bool = False, compile: bool = False):
         self.backbone = backbone
         self.registry = registry or default_registry()
         self.faithful = faithful
+        self.precision = precision
+        self.low_memory = low_memory
+        if low_memory:
+            _supports(type(backbone), "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+            backbone.set_low_memory(True)
+        if compile and not getattr(backbone, "compiled", False):
+            _supports(type(backbone), "compile", "torch.compile support", "compile (--compile)")
+            backbone.compile()
+        self.compile = compile
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, vae: str = "auto", device: str = "auto",
                         dtype: str = "fp32", attention: str = "auto", faithful: bool = False,
+                        precision: str = "auto", low_memory: bool = False, compile: bool = False,
                         registry: Registry | None = None, verbose: bool = False) -> "Editor":
         """Load the backbone for ``model`` once. ``faithful=True`` keeps the reference code path (no
         fast paths, no TF32, default memory layout): slower, for checking that the fast paths change
-        nothing. Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set
+        nothing. ``precision`` is the compute precision of the heavy UNet passes (LoRA training,
+        reference, drag): ``auto`` autocasts fp32 weights to bf16 where the device multiplies bf16 in
+        hardware, ``fp32`` keeps exact fp32, ``bf16``/``fp16`` force that autocast. ``low_memory``
+        keeps the VAE and text encoder in host memory except during their calls (same results, for
+        small GPUs). ``compile`` runs the UNet's transformer blocks through torch.compile (the first
+        pass of each shape compiles; a compile error falls back to eager with a warning). Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set
         to errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
         are. gooddrag's own warnings (``GoodDragWarning``) and log lines (logger ``gooddrag``) are not
         affected."""
+        check_precision(precision, dtype, faithful)  # before anything loads
         registry = registry or default_registry()
         component = select_backbone(registry, model)
+        if low_memory:
+            _supports(component, "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+        if compile:
+            _supports(component, "compile", "torch.compile support", "compile (--compile)")
         if not verbose and callable(getattr(component, "quiet", None)):
             component.quiet()
         backbone = component.load(model, vae=vae, device=device, dtype=dtype, attention=attention)
         if not faithful and hasattr(backbone, "optimize"):
             backbone.optimize()
         log.info("loaded %s on %s", model, backbone.device)
-        return cls(backbone, registry, faithful=faithful)
+        return cls(backbone, registry, faithful=faithful, precision=precision, low_memory=low_memory, compile=compile)
 
     def config(self, **kwargs: Any) -> EditConfig:
         b = self.backbone
         runtime = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device), attention=b.attention,
-                       dtype=DTYPE_NAMES[b.dtype], faithful=self.faithful)
+                       dtype=DTYPE_NAMES[b.dtype], faithful=self.faithful,
+                       precision=self.precision, low_memory=self.low_memory, compile=self.compile)
         runtime.update({k: kwargs.pop(k) for k in ("lora", "seed", "width") if k in kwargs})
         return resolve_config(self.registry, backbone=type(b), **kwargs, **runtime)
 
@@ -97,7 +120,14 @@ class Editor:
         notes = [*cfg.notes, *inp.warnings]
         with _registered(self.registry.pm, plugins), _recorded_warnings(notes), \
                 _tf32(not cfg.faithful and self.backbone.device.type == "cuda"):
-            return self._run(cfg, inp, prompt, notes)
+            try:
+                return self._run(cfg, inp, prompt, notes)
+            except Exception as exc:  # a compile error the backbone could not catch (a backward pass)
+                b = self.backbone
+                if not (getattr(b, "compiled", False) and b.is_compile_error(exc)):
+                    raise
+                b.fall_back_to_eager(exc)
+                return self._run(cfg, inp, prompt, notes)
 
     def _configure_backbone(self, params: Any) -> None:
         b = self.backbone
@@ -107,6 +137,19 @@ class Editor:
             raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} cannot change its parameters "
                               "after loading; leave backbone.* at the defaults")
         b.configure(params)
+
+    def _compute_dtype(self, cfg: EditConfig) -> torch.dtype | None:
+        """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
+        b = self.backbone
+        compute = resolve_precision(cfg.precision, b.device, b.dtype, cfg.faithful,
+                                    getattr(b, "unet_parameters", lambda: 0)())
+        if not hasattr(b, "mixed"):
+            if compute is not None and cfg.precision != "auto":
+                raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+                                  "use precision fp32 (or auto)")
+            return None
+        b.compute_dtype = compute
+        return compute
 
     def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
         reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
@@ -124,6 +167,8 @@ class Editor:
         fast = set() if cfg.faithful else set(getattr(b, "fast_paths", ()))
         patch_features = "patch_features" in fast and all(getattr(c, "reads_patches", False)
                                                           for c in (raw_loss, raw_tracker))
+        compute = self._compute_dtype(cfg)
+        mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
         torch.manual_seed(cfg.seed)
         b.set_prompt(prompt)
         image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
@@ -138,19 +183,23 @@ class Editor:
             if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
                 raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
                                     f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
-        with timer("reference"):
-            ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
-        handles, targets = (x.to(b.device) for x in inp.grid_points())
-        mask = inp.latent_mask()
-        ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z_start, reference=ref,
-                          loss=loss, tracker=tracker, points=Points(handles.clone(), handles.clone(), targets),
-                          mask=None if mask is None else mask.to(b.device), events=events,
-                          mask_is_empty=mask is not None and not bool(mask.any()),
-                          patch_features=patch_features, reuse_forward=not cfg.faithful)
-        uses_eps = getattr(raw_loss, "uses_eps", None)
-        ctx.features_only = "features_only" in fast and uses_eps is not None and not uses_eps(ctx)
-        with timer("drag"):
-            out = schedule.run(ctx)
+        # one mixed-precision span for the reference and the drag: the weights are split once
+        with contextlib.ExitStack() as mixed_span:
+            with timer("reference"):
+                mixed_span.enter_context(mixed())
+                ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
+            handles, targets = (x.to(b.device) for x in inp.grid_points())
+            mask = inp.latent_mask()
+            ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z_start, reference=ref,
+                              loss=loss, tracker=tracker, points=Points(handles.clone(), handles.clone(), targets),
+                              mask=None if mask is None else mask.to(b.device), events=events,
+                              mask_is_empty=mask is not None and not bool(mask.any()),
+                              patch_features=patch_features, reuse_forward=not cfg.faithful)
+            uses_eps = getattr(raw_loss, "uses_eps", None)
+            ctx.features_only = "features_only" in fast and uses_eps is not None and not uses_eps(ctx)
+            with timer("drag"):
+                out = schedule.run(ctx)
+                mixed_span.close()  # the exact fp32 weights are back before the finish (timed as drag)
         with timer("finish"):
             z = out.latent.detach()
             z_ref = ref.latents[out.next_index]
@@ -186,6 +235,7 @@ class Editor:
             "device": str(b.device),
             "device_name": torch.cuda.get_device_name(b.device) if cuda else "cpu",
             "dtype": cfg.dtype,
+            "compute": f"{DTYPE_NAMES[compute]} autocast" if compute is not None else cfg.dtype,
             "attention": b.attention,
             "timings_s": timer.times,
             "peak_memory_mb": _peak_mb(b.device),
@@ -195,6 +245,11 @@ class Editor:
         res = EditResult(result, final, report)
         hook.gooddrag_edit_finished(result=res)
         return res
+
+
+def _supports(component: type, method: str, what: str, option: str) -> None:
+    if not hasattr(component, method):
+        raise ConfigError(f"backbone {getattr(component, 'name', component.__name__)!r} has no {what}; drop {option}")
 
 
 def keyword_overrides(params: dict[str, Any]) -> list[str]:

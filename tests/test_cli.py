@@ -59,6 +59,9 @@ def test_dry_run_prints_config_with_override(img, capsys, no_model):
     (["--preset", "zzz"], "unknown preset 'zzz'"),
     (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
     (["--device", "cuda:7"], "cuda:7"),
+    (["--precision", "fp8"], "precision 'fp8' is not supported; use auto, fp32, bf16, fp16"),
+    (["--precision", "bf16", "--faithful"], "precision bf16 and faithful contradict each other"),
+    (["--precision", "fp16", "--dtype", "bf16"], "precision fp16 needs fp32 weights, but dtype is bf16"),
 ])
 def test_bad_config_is_one_line_without_traceback(img, capsys, no_model, extra, needle):
     code, out, err = run(["edit", img, "--points", "10,10:20,20", "--dry-run", *extra], capsys)

@@ -58,6 +58,9 @@ def bench(
     dtype: str = O.DTYPE,
     attention: str = O.ATTENTION,
     faithful: bool = O.FAITHFUL,
+    precision: str = O.PRECISION,
+    low_memory: bool = O.LOW_MEMORY,
+    compile: bool = O.COMPILE,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
@@ -75,7 +78,8 @@ def bench(
                         runner_params=tuple(runner_param), model=model, vae=vae,
                         preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
                         device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts,
-                        faithful=faithful, baseline=baseline)
+                        faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
+                        baseline=baseline)
     try:
         summary = run_bench(opts, tty=sys.stderr.isatty())
     except KeyboardInterrupt as exc:

@@ -25,7 +25,7 @@ from gooddrag.core.samples import Sample
 PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 #: config fields that change the result: a resumed sample must have been made with the same values
 METHOD_FIELDS = ("model", "preset", "schedule", "loss", "tracker", "schedule_params", "loss_params",
-                 "tracker_params", "lora", "lora_params", "backbone_params", "seed", "dtype", "width")
+                 "tracker_params", "lora", "lora_params", "backbone_params", "seed", "dtype", "precision", "width")
 
 
 def sample_dir(root: Path, sample_id: str) -> Path:

@@ -190,6 +190,9 @@ class BenchOptions:
     dtype: str = "fp32"
     attention: str = "auto"
     faithful: bool = False
+    precision: str = "auto"
+    low_memory: bool = False
+    compile: bool = False
     seed: int = 0
     width: int = 512
     prompts: bool = True
@@ -345,7 +348,8 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     cfg = resolve_config(reg, preset=opts.preset, schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
                          overrides=list(opts.params), model=opts.model, vae=opts.vae, lora=opts.lora,
                          device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed, faithful=opts.faithful,
-                         width=opts.width)
+                         width=opts.width, precision=opts.precision, low_memory=opts.low_memory,
+                         compile=opts.compile)
     metrics = load_metrics(reg, opts.metrics, opts.metric_params)
     runner = load_runner(reg, opts.runner, opts.runner_params)
     shard = parse_shard(opts.shard)
@@ -511,7 +515,8 @@ class BenchWorker:
 
         o = self.opts
         editor = Editor.from_pretrained(o.model, vae=o.vae, device=o.device, dtype=o.dtype, attention=o.attention,
-                                        faithful=o.faithful, registry=self.registry)
+                                        faithful=o.faithful, precision=o.precision, low_memory=o.low_memory, compile=o.compile,
+                                        registry=self.registry)
         where = {"node": socket.gethostname(), "device": describe_device(editor.backbone.device)}
         return functools.partial(_edit_one, editor, opts=o, plugins=list(self.plugins),
                                  dataset_name=self.dataset_name, where=where)

@@ -35,14 +35,20 @@ class UiSettings:
     device: str = "auto"
     dtype: str = "fp32"
     attention: str = "auto"
+    precision: str = "auto"
+    low_memory: bool = False
+    compile: bool = False
     width: int = 512
     lora: str = "auto"
     preset: str = "gooddrag"
     out: Path = attrs.field(converter=Path)
     samples: Path = attrs.field(converter=Path)
 
-    def key(self) -> dict[str, str]:
-        return dict(vae=self.vae, device=self.device, dtype=self.dtype, attention=self.attention)
+    def key(self) -> dict[str, Any]:
+        """The load options (EditorPool's key)."""
+        return dict(vae=self.vae, device=self.device, dtype=self.dtype, attention=self.attention,
+                    precision=self.precision, low_memory=self.low_memory,
+                    compile=self.compile)
 
 
 def _doc(comp: Any) -> str:

@@ -30,7 +30,7 @@ HANDLE, TARGET, FINAL = (230, 40, 40), (40, 90, 230), (40, 220, 40)
 
 
 class EditorPool:
-    """One loaded :class:`Editor` per (model, vae, device, dtype, attention), for the server's life:
+    """One loaded :class:`Editor` per model and load options (vae, device, dtype, ...), for the server's life:
     the model loads on the first edit and never again."""
 
     def __init__(self, registry: Registry):
@@ -38,25 +38,32 @@ class EditorPool:
         self._editors: dict[tuple, Editor] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str, *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
-            attention: str = "auto") -> Editor:
-        key = (model, vae, device, dtype, attention)
+    #: what loading depends on, with the defaults of Editor.from_pretrained
+    LOAD_DEFAULTS = dict(vae="auto", device="auto", dtype="fp32", attention="auto", precision="auto", low_memory=False,
+                         compile=False)
+
+    def _key(self, model: str, load: dict[str, Any]) -> tuple:
+        unknown = set(load) - set(self.LOAD_DEFAULTS)
+        assert not unknown, f"unknown load options {sorted(unknown)}"
+        return (model, *(load.get(k, v) for k, v in self.LOAD_DEFAULTS.items()))
+
+    def get(self, model: str, **load: Any) -> Editor:
+        key = self._key(model, load)
         with self._lock:
             if key not in self._editors:
-                self._editors[key] = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype,
-                                                            attention=attention, registry=self.registry)
+                self._editors[key] = Editor.from_pretrained(model, **{**self.LOAD_DEFAULTS, **load},
+                                                            registry=self.registry)
             return self._editors[key]
 
-    def adopt(self, backbone: Any, model: str, *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
-              attention: str = "auto") -> None:
+    def adopt(self, backbone: Any, model: str, **load: Any) -> None:
         """Use an already loaded backbone for this key (tests share one tiny model)."""
         with self._lock:
-            self._editors[(model, vae, device, dtype, attention)] = Editor(backbone, self.registry)
+            opts = {**self.LOAD_DEFAULTS, **load}
+            self._editors[self._key(model, load)] = Editor(backbone, self.registry, precision=opts["precision"],
+                                                           low_memory=opts["low_memory"], compile=opts["compile"])
 
-    def loaded(self, model: str, **key: str) -> bool:
-        k = (model, key.get("vae", "auto"), key.get("device", "auto"), key.get("dtype", "fp32"),
-             key.get("attention", "auto"))
-        return k in self._editors
+    def loaded(self, model: str, **load: Any) -> bool:
+        return self._key(model, load) in self._editors
 
 
 def check_image(image: Image.Image) -> Image.Image:

@@ -137,7 +137,8 @@ class PerImageLora:
         h = hashlib.sha256()
         h.update(image.detach().float().cpu().numpy().tobytes())
         b = self.backbone
-        h.update(json.dumps([b.model_id, b.prompt, params.cache_fields(), str(b.dtype)]).encode())
+        compute = [str(b.compute_dtype)] if getattr(b, "compute_dtype", None) else []  # old keys stay valid in fp32
+        h.update(json.dumps([b.model_id, b.prompt, params.cache_fields(), str(b.dtype), *compute]).encode())
         return h.hexdigest()[:24]
 
     def drop(self) -> None:
@@ -194,7 +195,7 @@ class PerImageLora:
             q.data = q.data.float()
         gen = torch.Generator().manual_seed(params.seed)
         crops = _random_crops(image, params.crop, params.batch_size, gen)  # (B, 3, c, c)
-        with torch.no_grad():
+        with torch.no_grad(), b.visiting(b.vae):
             dist = b.vae.encode(crops.to(b.device, b.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
         draws = [(torch.randn(mean.shape, generator=gen), torch.randn(mean.shape, generator=gen),
@@ -207,6 +208,7 @@ class PerImageLora:
                                 **({"fused": True} if fused else {}))
         emb = b.text_embedding(crops.shape[0])
         sched = self.pipe.scheduler
+        compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA parameters and Adam stay fp32 either way
         checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
         if checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -214,8 +216,8 @@ class PerImageLora:
             for k in range(params.steps):
                 latents = (mean + std * posterior[k]) * b.scaling
                 noisy = sched.add_noise(latents, noises[k], ts[k])
-                with torch.autocast(b.device.type, dtype=b.dtype, enabled=b.dtype != torch.float32):
-                    pred = self.unet(noisy.to(b.dtype), ts[k], encoder_hidden_states=emb, return_dict=False)[0]
+                with torch.autocast(b.device.type, dtype=compute, enabled=compute != torch.float32):
+                    pred = b.run_unet(noisy.to(b.dtype), ts[k], encoder_hidden_states=emb, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), noises[k])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

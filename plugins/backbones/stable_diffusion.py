@@ -7,6 +7,7 @@ Strategies see ``encode``, ``decode``, ``eps_and_features``, ``ddim_step``, ``in
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,14 +19,16 @@ from attrs.validators import ge
 from gooddrag.core.config import DEFAULT_MODEL
 from gooddrag.core.ddim import DDIM
 from gooddrag.core.devices import DTYPES, resolve_device
-from gooddrag.core.errors import BadInputError, ModelNotFoundError, RequirementError
+from gooddrag.core.errors import BadInputError, GoodDragWarning, ModelNotFoundError, RequirementError
 from gooddrag.core.params import p
 from gooddrag.plugins.backbones.attention import MutualSelfAttention
 from gooddrag.plugins.backbones.lora import PerImageLora
 from gooddrag.plugins.backbones.quiet import quiet_libraries
+from gooddrag.plugins.backbones.split_weights import SplitWeights
 
 SD15_MODEL = DEFAULT_MODEL
 SD15_VAE = "stabilityai/sd-vae-ft-mse"
+PARK = torch.device("cpu")  # where low-memory mode keeps the VAE and text encoder between calls
 
 
 def _hub_hint(what: str, name: str) -> str:
@@ -63,6 +66,12 @@ class StableDiffusionBackbone:
         self._captured: torch.Tensor | None = None
         self._features_only = False  # while True, the UNet pass stops once the feature block has run
         self._timesteps: dict[int, torch.Tensor] = {}  # device tensors of the timesteps, made once
+        #: autocast dtype of the heavy passes (LoRA training, reference, drag), None = the weights' dtype
+        self.compute_dtype: torch.dtype | None = None
+        self._mixed = False  # inside mixed()
+        self.low_memory = False  # VAE and text encoder parked in host memory between their calls
+        self.park = PARK
+        self.compiled = False  # the UNet's transformer blocks run through torch.compile
         self._feature_hook = self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
@@ -94,9 +103,93 @@ class StableDiffusionBackbone:
         return backbone
 
     def optimize(self) -> None:
-        """Speed settings that keep results equal up to float rounding: the UNet's convolutions in
-        channels-last layout (what oneDNN and cuDNN kernels prefer)."""
-        self.unet.to(memory_format=torch.channels_last)
+        """Speed settings that keep results equal up to float rounding: on CUDA, the UNet's
+        convolutions in channels-last layout (what cuDNN's tensor-core kernels prefer). Not on the
+        CPU: there oneDNN ran a drag step about 10 % slower in channels-last (docs/performance.md)."""
+        if self.device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
+
+    def unet_parameters(self) -> int:
+        """How many parameters the UNet has (``precision auto`` autocasts only large UNets)."""
+        return sum(q.numel() for q in self.unet.parameters())
+
+    def set_low_memory(self, on: bool) -> None:
+        """Low-memory mode: the VAE (84M parameters) and the text encoder (123M) wait in host memory
+        and visit the device only for their calls (encode, decode, a new prompt), so the UNet's
+        training and drag passes have that memory to themselves. Results are unchanged: the same
+        weights compute the same values, only where they wait changes."""
+        self.low_memory = on
+        for m in (self.vae, self.pipe.text_encoder):
+            m.to(self.park if on else self.device)
+
+    @contextlib.contextmanager
+    def visiting(self, module: Any) -> Iterator[None]:
+        """``module`` on the device for the duration (low-memory mode), else as it is."""
+        if not self.low_memory:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to(self.park)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the freed blocks back to the UNet's passes
+
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile the UNet's transformer blocks (diffusers' regional compilation: each block
+        shape compiles once, in far less time than the whole UNet), for every pass: LoRA training,
+        inversion, reference, drag. The first pass of each shape compiles. If compiling fails, the
+        backbone warns once and runs eager from then on (``compiled`` becomes False)."""
+        self.unet.compile_repeated_blocks(backend=backend, mode=mode, dynamic=False)
+        self.compiled = True
+
+    def fall_back_to_eager(self, exc: Exception) -> None:
+        """The eager fallback: drop the compiled blocks and say why, in one line."""
+        for m in self.unet.modules():
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                m._compiled_call_impl = None
+        self.compiled = False
+        root: BaseException = exc  # dynamo wraps the backend's own error: say that one
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        first = (str(root).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile failed ({type(root).__name__}: {first}); running eager (drop --compile to "
+                      "skip the attempt)", GoodDragWarning, stacklevel=3)
+
+    @staticmethod
+    def is_compile_error(exc: BaseException) -> bool:
+        return isinstance(exc, _compile_errors())
+
+    def run_unet(self, *args: Any, **kwargs: Any) -> Any:
+        """``unet(*args, **kwargs)``; with compiled blocks, a compile error in the forward pass falls back
+        to eager and the pass runs again (a pass changes no state; its autograd graph is dropped). A
+        compile error in a backward pass reaches the Editor, which falls back and redoes the edit."""
+        if not self.compiled:
+            return self.unet(*args, **kwargs)
+        try:
+            return self.unet(*args, **kwargs)
+        except _compile_errors() as exc:
+            self.fall_back_to_eager(exc)
+            return self.unet(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed(self) -> Iterator[None]:
+        """Within the context, UNet passes autocast to ``compute_dtype``. Only the UNet: the latent,
+        the DDIM arithmetic, the losses and the trackers' distances stay fp32. For bf16 the UNet's
+        fp32 weights are split for the duration (:mod:`split_weights`): the passes read bf16 weights
+        without per-pass copies, and the exact fp32 weights come back on exit."""
+        if self.compute_dtype is None:
+            yield
+            return
+        split = SplitWeights(self.unet) if self.compute_dtype == torch.bfloat16 else None
+        self._mixed = True
+        try:
+            yield
+        finally:
+            self._mixed = False
+            if split is not None:
+                split.join()
 
     def configure(self, params: "StableDiffusionBackbone.Params") -> None:
         """Use ``params`` for the next edit (``backbone.*`` overrides): moves the feature hook."""
@@ -138,7 +231,7 @@ class StableDiffusionBackbone:
         if self.prompt not in self._text:
             tok = self.pipe.tokenizer(self.prompt, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
                                       truncation=True, return_tensors="pt")
-            with torch.no_grad():
+            with torch.no_grad(), self.visiting(self.pipe.text_encoder):
                 self._text[self.prompt] = self.pipe.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
         return self._text[self.prompt].expand(batch, -1, -1)
 
@@ -158,7 +251,9 @@ class StableDiffusionBackbone:
 
     def _unet(self, z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         emb = self.text_embedding(z.shape[0])
-        return self.unet(z.to(self.dtype), self._timestep(t), encoder_hidden_states=emb, return_dict=False)[0].float()
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._mixed):
+            eps = self.run_unet(z.to(self.dtype), self._timestep(t), encoder_hidden_states=emb, return_dict=False)[0]
+        return eps.float()
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted noise, fp32, same shape as z."""
@@ -181,7 +276,7 @@ class StableDiffusionBackbone:
                 pass
             finally:
                 self._features_only = False
-        feats, self._captured = self._captured, None
+        feats, self._captured = self._captured.float(), None  # (1, C, h', w'), fp32 for the losses
         return eps, (self.upsample_features(feats, z.shape[-2:]) if upsample else feats)
 
     def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:
@@ -191,13 +286,13 @@ class StableDiffusionBackbone:
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> posterior mean x scaling, (1, 4, H/8, W/8) fp32."""
-        with torch.no_grad():
+        with torch.no_grad(), self.visiting(self.vae):
             z = self.vae.encode(image.to(self.device, self.dtype)).latent_dist.mean.float() * self.scaling
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(1, 4, h, w) -> (1, 3, 8h, 8w) in [0, 1], fp32."""
-        with torch.no_grad():
+        with torch.no_grad(), self.visiting(self.vae):
             x = self.vae.decode((z / self.scaling).to(self.dtype), return_dict=False)[0].float()
         return (x / 2 + 0.5).clamp(0, 1)
 
@@ -236,6 +331,20 @@ class StableDiffusionBackbone:
     def use_lora(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
         """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`."""
         return self.lora.apply(mode, image, params, on_train)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (dynamo, the backend, inductor's C++/CUDA step)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    errors: list[type[BaseException]] = [TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 class _FeaturesReady(Exception):
