@@ -8,6 +8,9 @@ how far the results are from it (final handles, PSNR of the result image).
     python benchmarks/speed.py --device cpu --quick --out cpu.json # CPU, < 10 min: a short drag at 512 px
     python benchmarks/speed.py --tiny --out tiny.json              # the tiny random model (the test runs this)
 
+``--repeat N`` runs N interleaved rounds of all variants and reports medians: on a shared machine
+the load drifts by tens of percent within minutes, and interleaving spreads it over every variant.
+
 Models: ``--device cuda/cpu`` use Stable Diffusion 1.5's exact architecture with random weights
 (``phase_cost.random_sd15``): no weights can be downloaded here, and cost depends on the
 architecture, not the weights. Targets are unreachable and early stop is off, so every variant
@@ -35,6 +38,7 @@ VARIANTS = {
     "default-bf16": {"faithful": False, "dtype": "bf16"},  # bf16 weights
     "default-compile": {"faithful": False, "compile": True},  # timed after a warm-up edit that compiles
     "low-memory": {"faithful": False, "low_memory": True},  # VAE and text encoder parked off the device
+    "autocast-bf16": {"faithful": False, "precision": "bf16"},  # forced (auto keeps tiny models in fp32)
 }
 FULL = ["schedule.reach_distance=0", "schedule.patience=0"]
 #: a short GoodDrag at full resolution for the CPU: 4-step sampler (3 inversion steps), one drag timestep,
@@ -105,14 +109,14 @@ def _mask(image, pairs):
     return m
 
 
-def run_child(args: argparse.Namespace, variant: str, preset: str, tmp: Path) -> dict:
+def run_child(args: argparse.Namespace, variant: str, preset: str, tmp: Path, round_: int = 0) -> dict:
     """Start one variant in a child process; its peak RSS comes from the kernel (os.wait4)."""
-    out = str(tmp / f"{variant}-{preset}")
+    out = str(tmp / f"{variant}-{preset}-{round_}")
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--preset", preset, "--device", args.device,
            "--result", out, "--lora", args.lora, "--width", str(args.width), "--threads", str(args.threads)]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--quick"] if args.quick else []
-    env = dict(os.environ, GOODDRAG_CACHE=str(tmp / f"cache-{variant}"))  # every variant trains its own LoRA
+    env = dict(os.environ, GOODDRAG_CACHE=str(tmp / f"cache-{variant}-{round_}"))  # every run trains its own LoRA
     proc = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -150,6 +154,31 @@ def compare(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (preset, variant): the median of its rounds' times, the largest peak memory, and
+    every round's drag step (the spread shows how much the machine's load moved the figures)."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["preset"], r["variant"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = dict(runs[0])
+        row["rounds"] = len(runs)
+        row["drag_step_rounds_s"] = [r["drag_step_s"] for r in runs]
+        for key in ("drag_step_s", "total_s", "load_s"):
+            row[key] = round(statistics.median(r[key] for r in runs), 4)
+        row["timings_s"] = {k: round(statistics.median(r["timings_s"][k] for r in runs), 4) for k in row["timings_s"]}
+        for key in ("peak_rss_mb", "peak_memory_mb"):
+            if row.get(key) is not None:
+                row[key] = max(r[key] for r in runs)
+        if any(r["final_handles"] != row["final_handles"] for r in runs):
+            row["final_handles_differ_between_rounds"] = True
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -161,6 +190,8 @@ def main() -> None:
                                                  "--quick (70 training steps at 512 px take ~2 h on 2 cores), else auto")
     ap.add_argument("--width", type=int, default=64, help="working width for --tiny")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants, interleaved; rows report "
+                                                          "medians (a shared machine's load drifts)")
     ap.add_argument("--out", default="speed.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -175,10 +206,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gooddrag-speed-") as tmp:
         for preset in args.presets.split(","):
-            for variant in args.variants.split(","):
-                rows.append(run_child(args, variant, preset, Path(tmp)))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "result_png"}), flush=True)
-        rows = compare(rows)
+            for round_ in range(args.repeat):
+                for variant in args.variants.split(","):
+                    rows.append(run_child(args, variant, preset, Path(tmp), round_))
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "result_png"}), flush=True)
+        rows = compare(median_rows(rows))
         for r in rows:
             r.pop("result_png")
     result = {"device": args.device, "tiny": args.tiny, "quick": args.quick, "runs": rows}

@@ -28,6 +28,7 @@ from gooddrag.plugins.backbones.split_weights import SplitWeights
 
 SD15_MODEL = DEFAULT_MODEL
 SD15_VAE = "stabilityai/sd-vae-ft-mse"
+COMPILE_GRAPHS = 64  # compiled variants allowed per block (see compile)
 PARK = torch.device("cpu")  # where low-memory mode keeps the VAE and text encoder between calls
 
 
@@ -141,6 +142,17 @@ class StableDiffusionBackbone:
         shape compiles once, in far less time than the whole UNet), for every pass: LoRA training,
         inversion, reference, drag. The first pass of each shape compiles. If compiling fails, the
         backbone warns once and runs eager from then on (``compiled`` becomes False)."""
+        import torch._dynamo
+
+        if not hasattr(self.unet, "compile_repeated_blocks"):
+            raise RequirementError("compile needs diffusers 0.35 or newer (regional compilation); "
+                                   "pip install -U 'diffusers<0.43', or drop --compile")
+        # every (token count, batch, grad mode, weight dtype, attention processor) of a block is its
+        # own graph, about 20 in an SD1.5 edit with LoRA training; past dynamo's default limit of 8
+        # the remaining ones would silently run eager
+        limits = torch._dynamo.config
+        name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(limits, name, max(getattr(limits, name), COMPILE_GRAPHS))
         self.unet.compile_repeated_blocks(backend=backend, mode=mode, dynamic=False)
         self.compiled = True
 
