@@ -73,8 +73,10 @@ class Editor:
         hardware, ``fp32`` keeps exact fp32, ``bf16``/``fp16`` force that autocast. ``low_memory``
         keeps the VAE and text encoder in host memory except during their calls (same results, for
         small GPUs). ``compile`` runs the UNet's transformer blocks through torch.compile (the first
-        pass of each shape compiles; a compile error falls back to eager with a warning). Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set
-        to errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
+        pass of each shape compiles; a compile error falls back to eager with a warning).
+
+        Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set to
+        errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
         are. gooddrag's own warnings (``GoodDragWarning``) and log lines (logger ``gooddrag``) are not
         affected."""
         check_precision(precision, dtype, faithful)  # before anything loads
@@ -122,7 +124,7 @@ class Editor:
                 _tf32(not cfg.faithful and self.backbone.device.type == "cuda"):
             try:
                 return self._run(cfg, inp, prompt, notes)
-            except Exception as exc:  # a compile error the backbone could not catch (a backward pass)
+            except Exception as exc:  # a compile error the backbone could not catch (in a backward pass)
                 b = self.backbone
                 if not (getattr(b, "compiled", False) and b.is_compile_error(exc)):
                     raise

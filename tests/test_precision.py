@@ -193,6 +193,27 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(fresh_backbone, 
         raise RuntimeError("no C++ compiler on this machine")
 
     b.compile(backend=no_compiler)
-    with pytest.warns(GoodDragWarning, match="torch.compile failed .*no C\\+\\+ compiler on this machine.*running eager"):
+    expected = "torch.compile failed .*no C\\+\\+ compiler on this machine.*running eager"
+    with pytest.warns(GoodDragWarning, match=expected):
         res = Editor(b).edit(img, PAIRS, **KW)
     assert b.compiled is False and res.points == eager.points
+
+
+def test_a_backward_compile_failure_redoes_the_edit_eagerly(fresh_backbone, img):
+    """Backward graphs compile lazily, at the first backward pass, outside the UNet call: the Editor
+    catches that one, falls back to eager and redoes the edit."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    b = fresh_backbone
+    eager = Editor(b).edit(img, PAIRS, **KW)
+
+    def no_backward_compiler(gm, example_inputs):
+        raise RuntimeError("no backward compiler")
+
+    b.compile(backend=aot_autograd(fw_compiler=lambda gm, ins: make_boxed_func(gm.forward),
+                                   bw_compiler=no_backward_compiler))
+    with pytest.warns(GoodDragWarning, match="torch.compile failed .*no backward compiler.*running eager"):
+        res = Editor(b).edit(img, PAIRS, **KW)
+    assert b.compiled is False and res.points == eager.points
+    assert res.report["gradient_steps"] == eager.report["gradient_steps"]

@@ -515,7 +515,8 @@ class BenchWorker:
 
         o = self.opts
         editor = Editor.from_pretrained(o.model, vae=o.vae, device=o.device, dtype=o.dtype, attention=o.attention,
-                                        faithful=o.faithful, precision=o.precision, low_memory=o.low_memory, compile=o.compile,
+                                        faithful=o.faithful, precision=o.precision, low_memory=o.low_memory,
+                                        compile=o.compile,
                                         registry=self.registry)
         where = {"node": socket.gethostname(), "device": describe_device(editor.backbone.device)}
         return functools.partial(_edit_one, editor, opts=o, plugins=list(self.plugins),

@@ -29,6 +29,7 @@ from gooddrag.plugins.backbones.split_weights import SplitWeights
 SD15_MODEL = DEFAULT_MODEL
 SD15_VAE = "stabilityai/sd-vae-ft-mse"
 COMPILE_GRAPHS = 64  # compiled variants allowed per block (see compile)
+COMPILE_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch")  # torch's compile stack
 PARK = torch.device("cpu")  # where low-memory mode keeps the VAE and text encoder between calls
 
 
@@ -171,7 +172,16 @@ class StableDiffusionBackbone:
 
     @staticmethod
     def is_compile_error(exc: BaseException) -> bool:
-        return isinstance(exc, _compile_errors())
+        """A dynamo/inductor error, or any error raised inside torch's compile stack: a backward graph
+        compiles lazily, at the first backward pass, and its compiler's error arrives unwrapped."""
+        if isinstance(exc, _compile_errors()):
+            return True
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").startswith(COMPILE_MODULES):
+                return True
+            tb = tb.tb_next
+        return False
 
     def run_unet(self, *args: Any, **kwargs: Any) -> Any:
         """``unet(*args, **kwargs)``; with compiled blocks, a compile error in the forward pass falls back
