@@ -3,6 +3,7 @@ edit in a worker thread with live events and cancellation, result files and "sav
 
 from __future__ import annotations
 
+import inspect
 import json
 import queue
 import re
@@ -38,9 +39,10 @@ class EditorPool:
         self._editors: dict[tuple, Editor] = {}
         self._lock = threading.Lock()
 
-    #: what loading depends on, with the defaults of Editor.from_pretrained
-    LOAD_DEFAULTS = dict(vae="auto", device="auto", dtype="fp32", attention="auto", precision="auto", low_memory=False,
-                         compile=False)
+    #: what loading depends on, with Editor.from_pretrained's own defaults (read from its signature, so
+    #: the two cannot drift apart)
+    LOAD_DEFAULTS = {name: inspect.signature(Editor.from_pretrained).parameters[name].default
+                     for name in ("vae", "device", "dtype", "attention", "precision", "low_memory", "compile")}
 
     def _key(self, model: str, load: dict[str, Any]) -> tuple:
         unknown = set(load) - set(self.LOAD_DEFAULTS)
