@@ -12,7 +12,7 @@ scalar stop checks the schedule needs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import attrs
 import torch
@@ -22,9 +22,9 @@ from gooddrag.core.errors import DivergedError
 from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 
 
-@attrs.frozen
-class LossParts:
-    """A loss value and its two parts (0-d tensors on the device)."""
+class LossParts(NamedTuple):
+    """A loss value and its two parts (0-d tensors on the device). A NamedTuple, so a captured step
+    (torch.compile) can build and return it."""
 
     total: torch.Tensor
     motion: torch.Tensor
@@ -194,8 +194,8 @@ def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: boo
     read (``lazy``; the grid is ``feature_scale`` times the latent (h, w)), or the dense upsampled map."""
     if lazy:
         s = backbone.feature_scale
-        return FeatureMap(lowres, (s * int(latent_hw[0]), s * int(latent_hw[1])))
-    return backbone.upsample_features(lowres, latent_hw)
+        return FeatureMap(lowres, (s * int(latent_hw[0]), s * int(latent_hw[1])))  # read in fp32, patch by patch
+    return backbone.upsample_features(lowres.float(), latent_hw)
 
 
 def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:
