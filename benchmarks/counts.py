@@ -152,7 +152,7 @@ def tiny(args: argparse.Namespace) -> dict:
 
 def graph_breaks() -> dict:
     """torch._dynamo.explain of the captured drag step and LoRA step on the tiny model."""
-    from gooddrag.core.capture import explain_steps
+    from gooddrag.testing.capture import explain_steps
 
     return explain_steps()
 

@@ -26,12 +26,13 @@ class DDIM:
     def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, num_train_timesteps: int = 1000,
                  steps_offset: int = 1):
         self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self._alphas: list[float] = self.alphas_cumprod.tolist()  # plain floats: a step reads no tensor
         self.num_steps = num_steps
         self.stride = num_train_timesteps // num_steps
         self.timesteps = ddim_timesteps(num_steps, num_train_timesteps, steps_offset)
 
     def alpha(self, t: int) -> float:
-        return float(self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0])
+        return self._alphas[t if t >= 0 else 0]
 
     def step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """Denoise one step from t to t - stride (eta 0)."""

@@ -18,7 +18,7 @@ from gooddrag.core.config import (DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KIND
                                   resolve_config)
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
-from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
+from gooddrag.core.engine import DragContext, Events, Points, Reference, diverged, drag_window
 from gooddrag.core.errors import ConfigError, DivergedError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
 from gooddrag.core.registry import Registry, default_registry
@@ -196,7 +196,8 @@ class Editor:
                               loss=loss, tracker=tracker, points=Points(handles.clone(), handles.clone(), targets),
                               mask=None if mask is None else mask.to(b.device), events=events,
                               mask_is_empty=mask is not None and not bool(mask.any()),
-                              patch_features=patch_features, reuse_forward=not cfg.faithful)
+                              patch_features=patch_features, reuse_forward=not cfg.faithful,
+                              fast_step=not cfg.faithful, capture=self.compile and cuda and not cfg.faithful)
             uses_eps = getattr(raw_loss, "uses_eps", None)
             ctx.features_only = "features_only" in fast and uses_eps is not None and not uses_eps(ctx)
             with timer("drag"):
@@ -210,7 +211,11 @@ class Editor:
                     t = ddim.timesteps[k]
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
-        if not bool(torch.isfinite(z).all()):
+        drag_ok = out.finite[0] if out.finite is not None else torch.ones((), dtype=torch.bool, device=z.device)
+        drag_finite, finish_finite = torch.stack([drag_ok, torch.isfinite(z).all()]).tolist()  # one host sync
+        if not drag_finite:
+            raise diverged(out.finite[1])
+        if not finish_finite:
             raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
                                 "or try dtype fp32")
         with timer("decode"):

@@ -56,6 +56,9 @@ class Outcome:
     reason: str  # reached | patience | schedule_end | loss_threshold
     drags: int = 0
     steps: int = 0
+    #: (0-d bool device tensor: the latent is finite, the timestep that made it), not read yet: the
+    #: engine reads it with its own final check, so the drag loop needs no host sync for it
+    finite: tuple[torch.Tensor, int] | None = None
 
 
 class Reference:
@@ -149,6 +152,8 @@ class DragContext:
     mask_is_empty: bool
     events: Events
     #: fast paths, all exact (same result up to float rounding); off on the faithful path
+    fast_step: bool = False  # gradient step on device buffers (LatentAdam, no host reads); off: torch.optim.Adam
+    capture: bool = False  # the gradient step runs through torch.compile whole (--compile on CUDA)
     patch_features: bool = False  # features as a FeatureMap: upsampled only where read
     reuse_forward: bool = False  # the first gradient step of a timestep reuses the tracking forward
     features_only: bool = False  # the loss reads no eps: gradient-step passes stop after the feature block
@@ -175,11 +180,11 @@ class DragContext:
         self.events.preview(t, drag, z, x0, self.points.handles)
 
     def check_finite(self, z: torch.Tensor, t: int) -> None:
-        """Stop when the latent holds NaN/inf after dragging at timestep t (one host sync, once per
-        drag timestep): a diverged drag would otherwise decode to a black image reported as success."""
+        """Stop when the latent holds NaN/inf after dragging at timestep t (one host sync): a diverged
+        drag would otherwise decode to a black image reported as success. The built-in schedules
+        read this flag together with their stop checks instead (see ``Outcome.finite``)."""
         if not bool(torch.isfinite(z).all()):
-            raise DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
-                                "lower schedule.lr or the loss weights (e.g. loss.lam)")
+            raise diverged(t)
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""
@@ -187,6 +192,12 @@ class DragContext:
             return z.new_zeros(())
         z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+def diverged(t: int) -> DivergedError:
+    """The error for a latent that became NaN/inf while dragging at timestep t."""
+    return DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
+                         "lower schedule.lr or the loss weights (e.g. loss.lam)")
 
 
 def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: bool) -> Features:
