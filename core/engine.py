@@ -189,6 +189,12 @@ class DragContext:
         with torch.no_grad():
             return self.forward(z, t)[1]
 
+    def denoise(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """One plain DDIM step of z from t to the next timestep (no gradient): (1, 4, h, w)."""
+        with torch.no_grad():
+            z = z.detach()
+            return self.backbone.ddim_step(z, self.forward(z, t)[0], t)
+
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
         latent predicted from ``z`` at t. Costs one UNet pass, and only when a plugin listens."""

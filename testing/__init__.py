@@ -115,7 +115,7 @@ def check_loss(cls: type) -> None:
     t = ctx.timesteps[ctx.start_index]
     z = ctx.z_start.clone().requires_grad_(True)
     eps, feats = ctx.forward(z, t)
-    parts = loss(ctx, z, t, feats, eps, ctx.points)
+    parts = loss(ctx, z, t, feats, eps)
     what = f"loss {cls.name!r}"
     expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", describe(parts))
     for field in ("total", "motion", "preserve"):
