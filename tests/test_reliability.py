@@ -1,0 +1,180 @@
+"""Reliability and security, round two (issue 24): one group of tests per class of defect.
+
+1 LoRA cache identity; 2 an edit never destroys an input; 3 races and locks; 4 Python API inputs;
+6 the local Ray; 7 bench and score edge cases; 8 bounded decode, pair caps, duplicate pairs and
+keys; 9 OS errors while writing. (5, the UI server, is in tests/test_ui_security.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gooddrag.app import cli
+from gooddrag.core.editor import Editor
+from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
+from gooddrag.testing import random_image
+
+from .conftest import make_image
+
+_LORA_KW = dict(width=32, overrides=["lora.steps=1", "lora.crop=32", "lora.batch_size=1", "lora.rank=2",
+                                     "schedule.num_inference_steps=10", "schedule.drag_timesteps=1",
+                                     "schedule.drags_per_timestep=1"])
+BASE = ["-p", "schedule.num_inference_steps=10", "--lora", "off", "--width", "32", "--model", "tiny-random",
+        "-p", "schedule.drag_timesteps=1", "-p", "schedule.drags_per_timestep=1"]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(Editor, "from_pretrained", classmethod(boom))
+
+
+# --- 1. the LoRA cache identifies what the LoRA was trained on --------------------------------------
+
+def _model_copy(dest: Path, perturb: float = 0.0) -> Path:
+    """The tiny model's files at ``dest``; ``perturb`` changes its UNet weights (a retrained model)."""
+    from safetensors.torch import load_file, save_file
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(tiny_pipeline_dir(), dest)
+    if perturb:
+        f = dest / "unet" / "diffusion_pytorch_model.safetensors"
+        sd = load_file(f)
+        name = next(n for n in sd if n.endswith("conv_in.weight"))
+        sd[name] = sd[name] + perturb
+        save_file(sd, f)
+    return dest
+
+
+def _editor(folder: Path) -> Editor:
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
+
+    return Editor(StableDiffusionBackbone.load(str(folder), vae="model", device="cpu"))
+
+
+def test_lora_cache_key_follows_the_weights_not_the_model_name(tmp_path, monkeypatch):
+    """A model folder retrained in place (same --model string) gets its own LoRA: 'trained', never
+    the other model's 'cached' one; the same weights at another path share the entry."""
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+    image = random_image(32, 32, seed=3)
+    model = _model_copy(tmp_path / "model")
+    first = _editor(model).edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert first.report["lora"].startswith("trained ")
+    _model_copy(model, perturb=0.5)  # retrained in place: same path, other weights
+    second = _editor(model).edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert second.report["lora"].startswith("trained "), second.report["lora"]
+    assert second.report["lora"] != first.report["lora"]
+    moved = _model_copy(tmp_path / "elsewhere" / "model", perturb=0.5)  # same weights, other path
+    third = _editor(moved).edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert third.report["lora"] == "cached " + second.report["lora"].split(" ", 1)[1]
+
+
+def test_lora_cache_key_holds_the_vae(tiny_backbone, tmp_path):
+    from gooddrag.core.lora import LoraParams
+
+    lora = tiny_backbone.lora
+    image = torch.zeros(1, 3, 32, 32)
+    before = lora.key(image, LoraParams())
+    vae = tiny_backbone.pipe.vae
+    other = type(vae).from_config(vae.config)  # another VAE of the same shape
+    try:
+        tiny_backbone.pipe.vae = tiny_backbone.vae = other
+        assert lora.key(image, LoraParams()) != before
+    finally:
+        tiny_backbone.pipe.vae = tiny_backbone.vae = vae
+    assert lora.key(image, LoraParams()) == before
+
+
+def _save_lora(folder: Path, unet_layers=None, text_layers=None) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=text_layers, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["empty-file", "text-encoder-only", "zeros"])
+def test_lora_that_changes_nothing_is_refused(tiny_editor, tmp_path, kind):
+    from safetensors.torch import save_file
+
+    if kind == "empty-file":
+        path = tmp_path / "empty.safetensors"
+        save_file({}, str(path))
+    elif kind == "text-encoder-only":
+        te = tiny_editor.backbone.pipe.text_encoder
+        hidden = te.config.hidden_size
+        layers = {f"text_model.encoder.layers.{i}.self_attn.{m}.lora_{ab}.weight":
+                  torch.randn((2, hidden) if ab == "A" else (hidden, 2))
+                  for i in range(te.config.num_hidden_layers) for m in ("q_proj", "v_proj") for ab in "AB"}
+        path = _save_lora(tmp_path / "te", text_layers=layers)
+    else:  # a UNet LoRA whose update is exactly zero
+        first = tiny_editor.edit(random_image(32, 32, seed=5), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+        from safetensors.torch import load_file
+
+        src = Path(first.report["lora"].split(" ", 1)[1]) / "pytorch_lora_weights.safetensors"
+        sd = {k: (torch.zeros_like(v) if "lora_B" in k or "lora.up" in k else v) for k, v in load_file(src).items()}
+        path = tmp_path / "zeros.safetensors"
+        save_file(sd, str(path))
+    with pytest.raises(BadInputError, match="holds no UNet LoRA weights") as exc:
+        tiny_editor.edit(random_image(32, 32), [((8, 8), (20, 20))], lora=str(path), **_LORA_KW)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+    b = tiny_editor.backbone
+    assert not getattr(b.unet, "peft_config", None) or "gooddrag" not in b.unet.peft_config
+    assert "gooddrag" not in (getattr(b.pipe.text_encoder, "peft_config", None) or {})
+
+
+def test_empty_lora_cache_entry_with_a_matching_checksum_is_retrained(tiny_editor, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from gooddrag.plugins.backbones.lora import CHECKSUM_NAME, WEIGHTS_NAME, _sha256
+
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+    image = random_image(32, 32, seed=21)
+    first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    folder = Path(first.report["lora"].split(" ", 1)[1])
+    save_file({}, str(folder / WEIGHTS_NAME))
+    (folder / CHECKSUM_NAME).write_text(f"{_sha256(folder / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n")
+    again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert again.report["lora"] == f"trained {folder}"
+    assert any("holds no UNet LoRA weights" in w for w in again.report["warnings"])
+    assert again.image.tobytes() == first.image.tobytes()
+
+
+def test_lora_cache_entry_that_is_a_file_is_named_and_healed(tiny_editor, tmp_path, monkeypatch):
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+    image = random_image(32, 32, seed=22)
+    first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    folder = Path(first.report["lora"].split(" ", 1)[1])
+    shutil.rmtree(folder)
+    folder.write_text("not a LoRA")
+    again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert any(w.startswith(f"cached LoRA {folder} is damaged: it is a file") for w in again.report["warnings"])
+    assert folder.is_dir()  # healed: the entry is a cache folder again
+    third = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert third.report["lora"] == f"cached {folder}"
+
+
+def test_gooddrag_cache_that_is_a_file_is_named_with_the_variable(tiny_editor, tmp_path, monkeypatch):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cachefile"))
+    res = tiny_editor.edit(random_image(32, 32, seed=23), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert res.report["lora"] == "trained (not cached)"
+    assert any(f"GOODDRAG_CACHE={str(tmp_path / 'cachefile')!r} is a file, not a folder" in w
+               for w in res.report["warnings"])
