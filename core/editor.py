@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import threading
 import time
 import warnings
 from typing import Any, Iterable, Sequence
@@ -60,6 +61,9 @@ class Editor:
             _supports(type(backbone), "compile", "torch.compile support", "compile (--compile)")
             backbone.compile()
         self.compile = compile
+        #: one edit at a time: the backbone holds per-edit state (hooks, LoRA, prompt, features), so
+        #: concurrent edit() calls on one Editor run one after the other (docs/api.md, "Threads")
+        self._lock = threading.RLock()
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, vae: str = "auto", device: str = "auto",
@@ -112,12 +116,20 @@ class Editor:
         ``kind_field=value``: ``loss_lam=0.1, schedule_drag_timesteps=5, lora_steps=100``.
         ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
         """
+        with self._lock:
+            return self._edit(image, points, mask, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
+                              overrides=overrides, lora=lora, prompt=prompt, seed=seed, width=width, plugins=plugins,
+                              **params)
+
+    def _edit(self, image: Any, points: Any, mask: Any, *, preset: str, schedule: str | None, loss: str | None,
+              tracker: str | None, overrides: Any, lora: str, prompt: str, seed: int, width: int, plugins: Any,
+              **params: Any) -> EditResult:
         overrides = [*overrides, *keyword_overrides(params)] if not isinstance(overrides, dict) else overrides
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
         for note in inp.warnings:
-            warnings.warn(note, GoodDragWarning, stacklevel=2)
+            warnings.warn(note, GoodDragWarning, stacklevel=3)
         self._configure_backbone(cfg.backbone_params)
         notes = [*cfg.notes, *inp.warnings]
         with _registered(self.registry.pm, plugins), _recorded_warnings(notes), \

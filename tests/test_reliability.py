@@ -32,9 +32,10 @@ BASE = ["-p", "schedule.num_inference_steps=10", "--lora", "off", "--width", "32
 
 
 def run(argv, capsys):
+    """Exit code, stdout, and stderr without the ``warning:`` lines."""
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, "".join(line for line in err.splitlines(True) if not line.startswith("warning: "))
 
 
 @pytest.fixture
@@ -178,3 +179,174 @@ def test_gooddrag_cache_that_is_a_file_is_named_with_the_variable(tiny_editor, t
     assert res.report["lora"] == "trained (not cached)"
     assert any(f"GOODDRAG_CACHE={str(tmp_path / 'cachefile')!r} is a file, not a folder" in w
                for w in res.report["warnings"])
+
+
+# --- 2. an edit never destroys an input ---------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["frames", "frames-subfolder", "link-to-result", "link-into-frames",
+                                   "mask-in-frames", "points-file-link", "lora-in-frames"])
+def test_an_input_anywhere_in_the_output_set_is_refused_before_the_model(tmp_path, capsys, no_model, where):
+    out = tmp_path / "out"
+    (out / "frames" / "sub").mkdir(parents=True)
+    img = make_image(tmp_path / "img.png")
+    pts = tmp_path / "p.json"
+    pts.write_text(json.dumps({"points": [[8, 8], [30, 20]]}))
+    args = ["edit", img, "--points", "8,8:30,20", *BASE, "--out", out]
+    if where == "frames":
+        victim = make_image(out / "frames" / "frame_000.png")
+        args[1] = victim
+    elif where == "frames-subfolder":
+        victim = make_image(out / "frames" / "sub" / "in.png")
+        args[1] = victim
+    elif where == "link-to-result":  # the input is a link elsewhere whose target is out/result.png
+        victim = make_image(out / "result.png")
+        (tmp_path / "link.png").symlink_to(victim)
+        args[1] = tmp_path / "link.png"
+    elif where == "link-into-frames":  # --out given through a link: the input resolves into its set
+        victim = make_image(out / "frames" / "in.png")
+        (tmp_path / "outlink").symlink_to(out)
+        args = ["edit", victim, "--points", "8,8:30,20", *BASE, "--out", tmp_path / "outlink"]
+    elif where == "mask-in-frames":
+        victim = out / "frames" / "mask.png"
+        Image.new("L", (48, 32), 255).save(victim)
+        args += ["--mask", victim]
+    elif where == "points-file-link":
+        victim = out / "frames" / "p.json"
+        victim.write_text(pts.read_text())
+        (tmp_path / "plink.json").symlink_to(victim)
+        args = ["edit", img, "--points-file", tmp_path / "plink.json", *BASE, "--out", out]
+    else:
+        victim = out / "frames" / "lora"
+        victim.mkdir()
+        args = [a if a != "off" else str(victim) for a in args]
+    before = victim.read_bytes() if victim.is_file() else None
+    code, _, err = run(args, capsys)
+    assert code == 2, err
+    assert "would replace the input" in err and err.count("\n") == 1, err
+    assert victim.exists() and (before is None or victim.read_bytes() == before)
+
+
+@pytest.mark.parametrize("name,kind", [("run.json", "folder"), ("result.png", "folder"), ("frames", "file"),
+                                       ("trace.jsonl", "folder")])
+def test_an_output_name_taken_by_another_kind_of_entry_is_found_before_the_model(tmp_path, capsys, no_model,
+                                                                              name, kind):
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "folder":
+        (out / name).mkdir()
+        (out / name / "keep.txt").write_text("mine")
+    else:
+        (out / name).write_text("mine")
+    img = make_image(tmp_path / "img.png")
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *BASE, "--out", out], capsys)
+    assert code == 2 and f"{name} there is a {'folder' if kind == 'folder' else 'file'}" in err, err
+    assert (out / name).exists()
+
+
+def test_a_failed_move_puts_the_old_set_back(tmp_path, monkeypatch):
+    from gooddrag.plugins.outputs import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("result.png", "points.png", "run.json", "trace.jsonl"):
+        (out / name).write_text(f"old {name}")
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if Path(dst).name == "run.json" and ".partial-" in str(src):
+            raise OSError(28, "No space left on device")  # the third new file cannot be moved in
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", flaky)
+    with pytest.raises(files.OutputError, match="No space left on device"):
+        with files.staging(out, replaces=files.OUTPUT_NAMES) as tmp:
+            for name in ("result.png", "points.png", "run.json"):
+                (tmp / name).write_text(f"new {name}")
+    assert sorted(p.name for p in out.iterdir()) == ["points.png", "result.png", "run.json", "trace.jsonl"]
+    assert all((out / n).read_text() == f"old {n}" for n in ("result.png", "points.png", "run.json", "trace.jsonl"))
+
+
+def test_a_swap_cut_short_by_a_kill_is_undone_by_the_next_edit(tmp_path):
+    from gooddrag.plugins.outputs import files
+
+    out = tmp_path / "out"
+    aside = out / ".previous-999999-x"  # a process that no longer exists
+    aside.mkdir(parents=True)
+    (aside / files.SWAP_MANIFEST).write_text(json.dumps({"new": ["result.png", "drag.gif"]}))
+    (aside / "result.png").write_text("old")
+    (aside / "run.json").write_text("old run")
+    (out / "result.png").write_text("new")  # moved in before the kill
+    (out / "drag.gif").write_text("new gif")
+    files.clear_partials(out)
+    assert sorted(p.name for p in out.iterdir()) == ["result.png", "run.json"]
+    assert (out / "result.png").read_text() == "old"
+
+
+# --- 3. races ------------------------------------------------------------------------------------------
+
+def test_a_second_edit_into_a_held_out_fails_in_one_line(tmp_path, capsys, no_model):
+    from gooddrag.plugins.outputs.files import output_lock
+
+    out = tmp_path / "out"
+    img = make_image(tmp_path / "img.png")
+    with output_lock(out):  # another edit is writing here
+        code, _, err = run(["edit", img, "--points", "8,8:30,20", *BASE, "--out", out], capsys)
+    assert code == 2 and "is in use by another gooddrag edit" in err and err.count("\n") == 1, err
+    assert not out.exists()  # the holder created it and left it empty
+
+
+def test_the_out_lock_is_released_and_a_failed_edit_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    img = make_image(tmp_path / "img.png")
+    out = tmp_path / "out"
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *BASE, "--out", out], capsys)
+    assert code == 0, err
+    code, _, err = run(["edit", img, "--points", "8,8:30,20", *BASE, "--out", out], capsys)  # same process
+    assert code == 0, err
+
+
+def test_two_threads_on_one_editor_are_serialised(tiny_editor):
+    import threading
+
+    image = random_image(32, 32, seed=31)
+    kw = dict(width=32, lora="off", overrides=["schedule.num_inference_steps=10", "schedule.drag_timesteps=2",
+                                                "schedule.drags_per_timestep=2"])
+    alone = tiny_editor.edit(image, [((8, 8), (20, 20))], **kw).image.tobytes()
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(tiny_editor.edit(image, [((8, 8), (20, 20))], **kw).image.tobytes())
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [alone] * 3
+
+
+# --- 9. OS errors while writing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("err", [(28, "No space left on device"), (27, "File too large"), (30, "Read-only file system")])
+def test_an_os_error_while_writing_is_one_line_and_keeps_the_old_set(tmp_path, capsys, monkeypatch, err):
+    img = make_image(tmp_path / "img.png")
+    out = tmp_path / "out"
+    code, _, e = run(["edit", img, "--points", "8,8:30,20", *BASE, "--out", out], capsys)
+    assert code == 0, e
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == "run.json":
+            raise OSError(err[0], err[1])  # as a failed write() raises it: no file name
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    code, _, e = run(["edit", img, "--points", "8,8:12,20", *BASE, "--out", out], capsys)
+    assert code == 2 and e == f"error: cannot write {out / 'run.json'}: {err[1]}; nothing of this edit was kept " \
+                              f"and the previous results in {str(out)!r} are unchanged\n", e
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
