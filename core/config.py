@@ -209,8 +209,8 @@ def _check_runtime(runtime: Mapping[str, Any]) -> None:
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
     seed = runtime.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:

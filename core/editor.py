@@ -124,6 +124,12 @@ class Editor:
     def _edit(self, image: Any, points: Any, mask: Any, *, preset: str, schedule: str | None, loss: str | None,
               tracker: str | None, overrides: Any, lora: str, prompt: str, seed: int, width: int, plugins: Any,
               **params: Any) -> EditResult:
+        if plugins is None or isinstance(plugins, (str, bytes, dict)) or not hasattr(plugins, "__iter__"):
+            raise ConfigError(f"plugins is {plugins!r}; give a list of hook objects (e.g. [TraceWriter(path)]), "
+                              "or () for none")
+        plugins = list(plugins)
+        if any(p is None for p in plugins):
+            raise ConfigError("plugins holds None; give a list of hook objects, or () for none")
         overrides = [*overrides, *keyword_overrides(params)] if not isinstance(overrides, dict) else overrides
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)

@@ -350,3 +350,140 @@ def test_an_os_error_while_writing_is_one_line_and_keeps_the_old_set(tmp_path, c
     assert code == 2 and e == f"error: cannot write {out / 'run.json'}: {err[1]}; nothing of this edit was kept " \
                               f"and the previous results in {str(out)!r} are unchanged\n", e
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
+def test_bench_shards_with_different_counts_on_one_out_are_refused(tmp_path):
+    from gooddrag.app.bench.run import lock_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a, b, c = [], [], []
+    lock_out(out, (0, 2), a)
+    with pytest.raises(BadInputError, match=r"split into 2 shards; --shard i/3 cannot run beside it"):
+        lock_out(out, (1, 3), b)
+    assert b == []
+    lock_out(out, (1, 2), c)  # the same split: fine
+    for fh in a + c:
+        fh.close()
+    lock_out(out, (1, 3), b)  # once the 2-way run is over, a 3-way one may start
+    for fh in b:
+        fh.close()
+
+
+# --- 4. Python API inputs ---------------------------------------------------------------------------------
+
+_API_KW = dict(width=32, lora="off", overrides=["schedule.num_inference_steps=10", "schedule.drag_timesteps=1",
+                                                 "schedule.drags_per_timestep=1"])
+
+
+@pytest.mark.parametrize("points", [np.array([[[8, 8], [20, 20]]]), torch.tensor([[[8.0, 8.0], [20.0, 20.0]]]),
+                                    [(np.array([8, 8]), torch.tensor([20, 20]))]],
+                         ids=["numpy", "tensor", "mixed"])
+def test_points_as_arrays_or_tensors_work(tiny_editor, points):
+    res = tiny_editor.edit(random_image(32, 32), points, **_API_KW)
+    assert res.report["handles_xy"] == [[8.0, 8.0]] and res.report["targets_xy"] == [[20.0, 20.0]]
+
+
+@pytest.mark.parametrize("points,needle", [
+    ((p for p in [((8, 8), (20, 20))]), "points is a generator"),
+    ([8, 8, 20, 20], "points[0] is 8, not a (handle, target) pair"),
+    ([[8, 8], [20, 20]], "points[0] is [8, 8], not a pair of [x, y] points with real numbers (a flat list"),
+    ({"points": [[8, 8], [20, 20]]}, "points is a dict"),
+    ("8,8:20,20", "points is a str"),
+    ([((8 + 1j, 8), (20, 20))], "points[0] is (((8+1j), 8), (20, 20)), not a pair of [x, y] points"),
+    ([((True, 8), (20, 20))], "points[0] is ((True, 8), (20, 20)), not a pair"),
+    (np.array([[8, 8], [20, 20]]), "points has shape (2, 2)"),
+    (np.array([[[8, 8], [20, 20]]], dtype=complex), "points is an array of complex128"),
+    ([((float("nan"), 8), (20, 20))], "a coordinate is not finite"),
+], ids=["generator", "flat", "flat-points", "dict", "string", "complex", "bool", "array-2d", "array-complex", "nan"])
+def test_bad_points_are_one_line_naming_the_argument(tiny_editor, points, needle):
+    with pytest.raises(BadInputError) as exc:
+        tiny_editor.edit(random_image(32, 32), points, **_API_KW)
+    assert needle in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("extra,needle", [(dict(seed=2**70), "seed 1180591620717411303424 must be an integer"),
+                                          (dict(seed=True), "seed True must be an integer"),
+                                          (dict(plugins=None), "plugins is None"),
+                                          (dict(plugins=[None]), "plugins holds None")])
+def test_bad_seed_and_plugins_are_one_line(tiny_editor, extra, needle):
+    with pytest.raises(GoodDragError, match=needle.replace("(", r"\(")):
+        tiny_editor.edit(random_image(32, 32), [((8, 8), (20, 20))], **{**_API_KW, **extra})
+
+
+def test_float_and_32bit_grayscale_images_are_scaled_not_black_or_clipped():
+    from gooddrag.core.inputs import prepare_input
+
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    want = np.round(ramp * 255).astype(np.uint8)
+    f01 = Image.fromarray(ramp, "F")
+    i16 = Image.fromarray((ramp * 65535).round().astype(np.int32), "I")
+    for im in (f01, i16):
+        got = np.asarray(prepare_input(im, [((8, 8), (20, 20))], width=32).image)[..., 0]
+        assert np.abs(got.astype(int) - want).max() <= 1, im.mode
+    mask = prepare_input(random_image(32, 32), [((8, 8), (20, 20))], Image.fromarray(ramp, "F"), width=32).mask
+    assert mask.mean() == pytest.approx(0.5, abs=0.01)  # the upper half of 0..1 is editable, not none of it
+    with pytest.raises(BadInputError, match=r"mode F\) has values from -1 to 1"):
+        prepare_input(Image.fromarray(ramp * 2 - 1, "F"), [((8, 8), (20, 20))], width=32)
+
+
+# --- 8. bounded decode, pair cap, duplicate pairs and keys ----------------------------------------------
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, capsys, no_model, monkeypatch):
+    from gooddrag.core.inputs import MAX_PIXELS
+
+    big = tmp_path / "big.png"
+    Image.new("L", (4100, 4100)).save(big)  # 16.8 Mpx, under pillow's own limit, a few KB on disk
+    assert big.stat().st_size < 100_000 and 4100 * 4100 < Image.MAX_IMAGE_PIXELS
+    opened = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: (opened.append(self.size), real_load(self))[1])
+    code, _, err = run(["edit", big, "--points", "8,8:30,20", *BASE, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err == (f"error: image {str(big)!r} is 4100x4100, over the limit of {MAX_PIXELS} pixels "
+                                 "(a decompression bomb, or far larger than needed; GOODDRAG_MAX_PIXELS sets the "
+                                 "limit); downscale it\n"), err
+    assert (4100, 4100) not in opened  # refused before decoding
+    monkeypatch.setenv("GOODDRAG_MAX_PIXELS", str(4100 * 4100))
+    from gooddrag.core.inputs import prepare_input
+
+    assert prepare_input(big, [((8, 8), (30, 20))]).size == (4100, 4100)
+    monkeypatch.setenv("GOODDRAG_MAX_PIXELS", "1000")
+    with pytest.raises(BadInputError, match="is 48x32, over the limit of 1000 pixels"):
+        prepare_input(random_image(48, 32), [((8, 8), (30, 20))])  # a PIL image too
+
+
+def test_too_many_pairs_is_one_short_line(tmp_path, capsys, no_model):
+    img = make_image(tmp_path / "img.png")
+    pts = tmp_path / "p.json"
+    pts.write_text(json.dumps({"points": [[i % 40, 5 + i % 2] for i in range(202)]}))
+    code, _, err = run(["edit", img, "--points-file", pts, *BASE, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err == "error: 101 point pairs given, over the limit of 100; drag fewer points per edit " \
+                                "(split it into several edits)\n", err
+    many = [a for i in range(10_000) for a in ("--points", f"{i % 40},{i % 30}:{(i + 1) % 40},{i % 30}")]
+    code, _, err = run(["edit", img, *many, *BASE, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.startswith("error: 10000 point pairs given") and len(err) < 200
+
+
+def test_pairs_that_fight_each_other_are_warned():
+    from gooddrag.core.inputs import prepare_input
+
+    pairs = [((4, 4), (20, 20)), ((4, 4), (20, 20)), ((4, 4), (10, 30)), ((30, 8), (40, 8)), ((40, 8), (30, 8))]
+    notes = [n for n in prepare_input(random_image(48, 32), pairs, width=32).warnings if "pair" in n]
+    assert "pair 2 repeats pair 1 ((4, 4) -> (20, 20)); give it once" in notes
+    assert any(n.startswith("pairs 1 and 3 drag the same handle (4, 4) to two targets") for n in notes)
+    assert any(n.startswith("pairs 4 and 5 swap (40, 8) and (30, 8) (A->B with B->A)") for n in notes)
+    clean = prepare_input(random_image(48, 32), [((4, 4), (20, 20)), ((30, 8), (40, 8))], width=32).warnings
+    assert not any("repeats" in n or "same handle" in n or "swap" in n for n in clean)
+
+
+def test_a_points_file_with_a_duplicate_key_is_refused(tmp_path, capsys, no_model):
+    img = make_image(tmp_path / "img.png")
+    pts = tmp_path / "p.json"
+    pts.write_text('{"points": [[1, 1], [2, 2]], "points": [[8, 8], [30, 20]]}')
+    code, _, err = run(["edit", img, "--points-file", pts, *BASE, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err == f"error: points file {str(pts)!r} gives the key 'points' twice (only one would " \
+                                "count); keep one\n", err
+    from gooddrag.plugins.datasets import read_json
+
+    with pytest.raises(BadInputError, match="gives the key 'points' twice"):
+        read_json(pts, "s1")

@@ -8,9 +8,10 @@ Bench layout of ``--out DIR``::
     DIR/results.csv, summary.json, report.md, plot_*.png
 
 Lock: a run holds ``DIR/.lock`` (``fcntl.flock``) for its whole life: exclusively, or shared by the
-shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively. A second run
-on the same samples stops at once with one line naming the holder's process id, instead of deleting
-the first one's staging folders and overwriting its tables.
+shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively and
+``DIR/.lock-of-<n>`` shared. A second run on the same samples, or a shard with another ``n``, stops
+at once with one line naming the holder's process id (or the other shard count), instead of
+deleting the first one's staging folders and overwriting its tables.
 
 Resume rule: a sample whose ``run.json`` is complete (valid JSON with ``final_handles``, next to its
 ``result.png``) is not edited again unless ``--force``; a failed or missing one is (re)tried.
@@ -325,6 +326,32 @@ def lock_out(out: Path, shard: tuple[int, int] | None, held: list) -> None:
             fh.truncate()
             fh.write(f"{os.getpid()}\n")
             fh.flush()
+    if shard is not None:
+        _one_shard_count(out, shard[1], held, start)
+
+
+def _one_shard_count(out: Path, n: int, held: list, start: int) -> None:
+    """Shards of one run split the samples the same way: a shard of ``--shard i/m`` (m != n) running
+    on the same ``out`` would edit other samples' mix and overwrite the tables, so it is refused.
+    Each shard holds ``.lock-of-<n>`` shared; a held ``.lock-of-<m>`` cannot be taken exclusively."""
+    import fcntl
+
+    fh = open(out / f".lock-of-{n}", "a+")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    held.append(fh)
+    for other in sorted(out.glob(".lock-of-*")):
+        if other.name == f".lock-of-{n}":
+            continue
+        with open(other, "a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                while len(held) > start:
+                    held.pop().close()
+                m = other.name.rsplit("-", 1)[1]
+                raise BadInputError(f"--out {str(out)!r} is in use by a gooddrag bench split into {m} shards; "
+                                    f"--shard i/{n} cannot run beside it (use the same n, or another --out)") from None
+            fcntl.flock(probe, fcntl.LOCK_UN)
 
 
 def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: Iterable[Any] = (),

@@ -8,7 +8,6 @@ so one bad file does not stop a whole benchmark; ``load`` raises :class:`BadInpu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from gooddrag.core.errors import BadInputError
-from gooddrag.core.inputs import Pair, open_image, point_list, read_small_file
+from gooddrag.core.inputs import DuplicateKeyError, Pair, open_image, point_list, read_small_file, strict_json
 from gooddrag.core.samples import MalformedSample, Sample
 
 
@@ -69,9 +68,11 @@ def read_json(path: Path, sample_id: str, limit: int = 1 << 20) -> Any:
     if not path.exists():
         raise bad(sample_id, f"{path.name} is missing ({path})")
     try:
-        return json.loads(read_small_file(path, path.name, limit))
+        return strict_json(read_small_file(path, path.name, limit))
     except BadInputError as exc:
         raise bad(sample_id, str(exc)) from None
+    except DuplicateKeyError as exc:
+        raise bad(sample_id, f"{path.name} gives the key {str(exc)!r} twice (only one would count)") from None
     except (ValueError, RecursionError):
         raise bad(sample_id, f"{path.name} is not valid JSON") from None
 
