@@ -487,3 +487,93 @@ def test_a_points_file_with_a_duplicate_key_is_refused(tmp_path, capsys, no_mode
 
     with pytest.raises(BadInputError, match="gives the key 'points' twice"):
         read_json(pts, "s1")
+
+
+# --- 7. bench and score edge cases --------------------------------------------------------------------------
+
+def _d100(root: Path, *names: str) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_datasets import write_drag100_sample
+
+    for i, name in enumerate(names):
+        write_drag100_sample(root, name, w=40, h=30, points=((10, 10), (20, 15)), seed=i)
+    return root
+
+
+def _score(argv, capsys):
+    code = cli.main([str(a) for a in ["score", *argv]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _csv(path: Path) -> dict:
+    import csv
+
+    with open(path, newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def test_an_alias_folder_is_one_sample_and_links_out_of_the_dataset_are_skipped(tmp_path):
+    from gooddrag.core.errors import GoodDragWarning
+    from gooddrag.core.samples import MalformedSample
+    from gooddrag.plugins.datasets.drag100 import Drag100
+
+    root = _d100(tmp_path / "d100", "cat_0", "dog_1")
+    (root / "cat_alias").symlink_to(root / "cat_0")  # the same sample under two names
+    outside = _d100(tmp_path / "elsewhere", "owl_2")
+    (root / "owl_2").symlink_to(outside / "owl_2")  # a sample folder that leads out of the dataset
+    (root / "dog_1" / "original.jpg").unlink()
+    (root / "dog_1" / "original.jpg").symlink_to(outside / "owl_2" / "original.jpg")  # a file that leads out
+    with pytest.warns(GoodDragWarning) as caught:
+        samples = list(Drag100().samples(root))
+    assert [s.id for s in samples] == ["cat_0", "dog_1"]
+    said = [str(w.message) for w in caught]
+    assert any(m == f"{root / 'cat_alias'} is a link to {root / 'cat_0'}, another sample folder: skipped, so that "
+               "sample is scored once" for m in said), said
+    assert any(m.startswith(f"{root / 'owl_2'} links outside the dataset folder") for m in said), said
+    assert isinstance(samples[1], MalformedSample) and "original.jpg links outside its sample folder" in samples[1].error
+
+
+def test_a_sample_with_two_originals_is_ambiguous(tmp_path):
+    from gooddrag.core.samples import MalformedSample
+    from gooddrag.plugins.datasets.drag100 import Drag100
+
+    root = _d100(tmp_path / "d100", "cat_0")
+    Image.open(root / "cat_0" / "original.jpg").save(root / "cat_0" / "original.png")
+    (s,) = Drag100().samples(root)
+    assert isinstance(s, MalformedSample)
+    assert s.error == "sample 'cat_0': has original.jpg and original.png: which one is the input is ambiguous; keep one"
+
+
+def test_score_flags_an_empty_mask_refuses_foreign_run_json_and_fails_when_nothing_scored(tmp_path, capsys):
+    from gooddrag.plugins.datasets.drag100 import Drag100
+
+    root = _d100(tmp_path / "d100", "cat_0", "dog_1", "owl_2")
+    Image.new("L", (40, 30), 0).save(root / "owl_2" / "mask.png")  # no editable pixel
+    samples = {s.id: s for s in Drag100().samples(root)}
+    res = tmp_path / "res"
+    for sid in samples:
+        (res / sid).mkdir(parents=True)
+        samples[sid].image.save(res / sid / "result.png")
+    (res / "cat_0" / "run.json").write_text(json.dumps({"bench": {"sample": "dog_1"}}))  # another sample's run
+    (res / "dog_1" / "run.json").write_text(json.dumps({"handles_xy": [[1, 1], [2, 2]]}))  # other points
+    code, _, err = _score([res, root, "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    rows = _csv(tmp_path / "s" / "results.csv")
+    assert rows["cat_0"]["status"] == "failed" and rows["cat_0"]["error"] == (
+        f"sample 'cat_0': {res / 'cat_0' / 'run.json'} is the run of sample 'dog_1'; put each result in its own "
+        "sample's folder")
+    assert rows["dog_1"]["status"] == "failed" and "has 2 pairs but the sample has 1" in rows["dog_1"]["error"]
+    assert rows["owl_2"]["status"] == "ok" and rows["owl_2"]["flags"] == "mask has no editable pixel"
+    assert rows["cat_0"]["flags"] == ""
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _score([empty, root, "--out", tmp_path / "s2"], capsys)
+    assert code == 2 and err == (f"error: nothing could be scored: no result image found for any of the 3 samples "
+                                 f"in {str(empty)!r}; see docs/evaluation.md for the accepted layouts\n"), err
+    shutil.rmtree(res / "owl_2")
+    code, _, err = _score([res, root, "--out", tmp_path / "s3"], capsys)
+    assert code == 2 and err.startswith("error: nothing could be scored: all 2 results found"), err

@@ -641,6 +641,7 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
                 with contextlib.suppress(OSError, ValueError):
                     report = json.loads((path.parent / "run.json").read_text())
                 if isinstance(report, dict):
+                    _check_report_matches(report, s, path.parent / "run.json")
                     _fill_from_report(row, report, s, path.parent / "run.json")
                     cfg = report.get("config")
                     config = config or (cfg if isinstance(cfg, dict) else None)
@@ -650,9 +651,7 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
             continue
         score_row(row, mets, s, image, row["final_handles"])
     found = sum(r["status"] != "missing" for r in rows)
-    if not found:
-        log(f"warning: no result image found for any of the {len(samples)} samples in {results_dir}; "
-            "see docs/evaluation.md for the accepted layouts")
+    scored = sum(r["status"] == "ok" for r in rows)
     dataset_info = {"name": ds_name, "folder": str(dataset_dir), "selected": len(samples), "limit": limit,
                     "samples": list(sample_ids) or None}
     by_id = {s.id: s for s in samples}
@@ -663,4 +662,23 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     write_tables(out, rows, mets, summary)
     write_report(out, rows, mets, summary, by_id, "gooddrag score report",
                  [f"Results: `{results_dir}`", "", f"Dataset: {ds_name} `{dataset_dir}`, {len(samples)} samples", ""])
+    if not found:
+        raise BadInputError(f"nothing could be scored: no result image found for any of the {len(samples)} samples "
+                            f"in {str(results_dir)!r}; see docs/evaluation.md for the accepted layouts")
+    if not scored:
+        raise BadInputError(f"nothing could be scored: all {found} results found in {str(results_dir)!r} failed "
+                            f"(see the error column of {out / 'results.csv'})")
     return summary
+
+
+def _check_report_matches(report: dict, sample: Sample, path: Path) -> None:
+    """Refuse a run.json that belongs to another sample (its bench sample id) or to other points
+    (its pair count): scoring it against this sample would measure the wrong drag."""
+    bench = report.get("bench") if isinstance(report.get("bench"), dict) else {}
+    other = bench.get("sample")
+    if other is not None and other != sample.id:
+        raise BadInputError(f"{path} is the run of sample {other!r}; put each result in its own sample's folder")
+    pairs = bench.get("pairs_xy") if isinstance(bench.get("pairs_xy"), list) else report.get("handles_xy")
+    if isinstance(pairs, list) and len(pairs) != len(sample.pairs):
+        raise BadInputError(f"{path} has {len(pairs)} pairs but the sample has {len(sample.pairs)}; it is the run "
+                            "of other points")
