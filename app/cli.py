@@ -93,8 +93,8 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import OUTPUT_NAMES, check_output_set, output_lock
-    from gooddrag.plugins.outputs.gif import VIDEO_HINT, video_writer_available
+    from gooddrag.app.outputs.files import OUTPUT_NAMES, check_output_set, output_lock
+    from gooddrag.app.outputs.gif import VIDEO_HINT, video_writer_available
 
     # a new edit replaces (or removes) every name of the output set, so none may be an input
     check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file,
@@ -104,13 +104,13 @@ def edit(
     # held until the command ends: a second edit into this --out stops here, before its model loads
     ctx.with_resource(output_lock(out))
     check_output_set(out, OUTPUT_NAMES, {})  # again, now that no other edit can change it
-    from gooddrag.plugins.outputs.files import clear_partials, staging, write_result_files
-    from gooddrag.plugins.outputs.gif import GifWriter
+    from gooddrag.app.outputs.files import clear_partials, staging, write_result_files
+    from gooddrag.app.outputs.gif import GifWriter
 
     O.silence_libraries(reg)
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.progress import ProgressDisplay
-    from gooddrag.plugins.outputs.trace import TraceWriter
+    from gooddrag.app.outputs.progress import ProgressDisplay
+    from gooddrag.app.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(cfg.load, registry=reg)
     if out.is_dir():
@@ -295,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _write_errnos() -> set[int]:
-    from gooddrag.plugins.outputs.files import WRITE_ERRNOS
+    from gooddrag.app.outputs.files import WRITE_ERRNOS
 
     return WRITE_ERRNOS
 

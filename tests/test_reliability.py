@@ -244,7 +244,7 @@ def test_an_output_name_taken_by_another_kind_of_entry_is_found_before_the_model
 
 
 def test_a_failed_move_puts_the_old_set_back(tmp_path, monkeypatch):
-    from gooddrag.plugins.outputs import files
+    from gooddrag.app.outputs import files
 
     out = tmp_path / "out"
     out.mkdir()
@@ -269,7 +269,7 @@ def test_a_failed_move_puts_the_old_set_back(tmp_path, monkeypatch):
 
 
 def test_a_swap_cut_short_by_a_kill_is_undone_by_the_next_edit(tmp_path):
-    from gooddrag.plugins.outputs import files
+    from gooddrag.app.outputs import files
 
     out = tmp_path / "out"
     aside = out / ".previous-999999-x"  # a process that no longer exists
@@ -287,7 +287,7 @@ def test_a_swap_cut_short_by_a_kill_is_undone_by_the_next_edit(tmp_path):
 # --- 3. races ------------------------------------------------------------------------------------------
 
 def test_a_second_edit_into_a_held_out_fails_in_one_line(tmp_path, capsys, no_model):
-    from gooddrag.plugins.outputs.files import output_lock
+    from gooddrag.app.outputs.files import output_lock
 
     out = tmp_path / "out"
     img = make_image(tmp_path / "img.png")
