@@ -235,8 +235,8 @@ def _check_edit(lora: str, seed: Any, width: Any) -> None:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:
