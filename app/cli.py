@@ -67,7 +67,9 @@ def edit(
     low_memory: bool = O.LOW_MEMORY,
     compile: bool = O.COMPILE,
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH_AUTO,
+    backbone: Optional[str] = O.BACKBONE,
+    model_config: Optional[str] = O.MODEL_CONFIG,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (green)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -83,7 +85,14 @@ def edit(
     from gooddrag.core.registry import default_registry
 
     reg = default_registry()
+    if backbone is not None and backbone not in reg.names("backbone"):
+        reg.get("backbone", backbone)  # one line listing the backbones that exist
+    if width is None:  # the model's own (read from its files, not loaded)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, model, backbone, model_config)
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
+                         backbone=backbone,
                          model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
                          width=width, faithful=faithful, precision=precision, low_memory=low_memory,
                          compile=compile)
@@ -114,7 +123,7 @@ def edit(
 
     editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
                                     faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
-                                    registry=reg)
+                                    registry=reg, backbone=backbone, model_config=model_config)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
     removed: list[str] = []

@@ -32,6 +32,12 @@ LOW_MEMORY = typer.Option(False, "--low-memory", help="Keep the VAE and text enc
 COMPILE = typer.Option(False, "--compile", help="torch.compile the UNet's transformer blocks (the first edit "
                        "of each size compiles, later ones run faster; a compile error falls back to eager).")
 WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
+WIDTH_AUTO = typer.Option(None, "--width", help="Working width in pixels (height follows the aspect); by default "
+                          "the model's own: SD1.5 512 (the method's), SD 2.x 768, SDXL 1024.")
+BACKBONE = typer.Option(None, "--backbone", help="Backbone by name (see `gooddrag plugins`); by default the one "
+                        "that claims the model's files (model_index.json's pipeline class, a file's tensor names).")
+MODEL_CONFIG = typer.Option(None, "--model-config", help="For a single-file .safetensors/.ckpt model: the local "
+                            "diffusers folder of its base model, whose configs it loads with (offline).")
 OUT = typer.Option(None, "--out", help="Output folder.")
 
 
@@ -46,4 +52,4 @@ def silence_libraries() -> None:
 
 
 __all__ = ["MODEL", "VAE", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "DEVICE", "DTYPE", "ATTENTION",
-           "SEED", "FAITHFUL", "WIDTH", "OUT", "List", "Optional"]
+           "SEED", "FAITHFUL", "WIDTH", "WIDTH_AUTO", "BACKBONE", "MODEL_CONFIG", "OUT", "List", "Optional"]

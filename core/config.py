@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from gooddrag.core.errors import ConfigError, GoodDragWarning
+from gooddrag.core.errors import ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict
 from gooddrag.core.registry import Registry
@@ -29,7 +29,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
 OVERRIDE_KINDS = STRATEGY_KINDS + ("lora", "backbone")  # what a kind.field=value override may name
-#: the backbone used for any model that is not itself a registered backbone name (hub id, folder, file)
+#: the backbone whose parameters ``backbone.*`` overrides check when the model cannot be read before loading
 DEFAULT_BACKBONE = "stable-diffusion"
 #: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
 LORA_PATH_FIELDS = ("fuse",)
@@ -175,8 +175,14 @@ def _backbone_component(registry: Registry, backbone: str | type | None, model: 
     """The backbone class for ``backbone`` (class or name), else the one ``model`` selects."""
     if isinstance(backbone, type):
         return backbone
-    name = backbone or (model if model in registry.names("backbone") else DEFAULT_BACKBONE)
-    return registry.get("backbone", name) if name in registry.names("backbone") else None
+    if backbone is None:
+        from gooddrag.core.backbone import select_backbone
+
+        try:  # the backbone that claims the model's files (read, not loaded)
+            return select_backbone(registry, model)[0]
+        except GoodDragError:  # a model that cannot be read here: loading says why, in one line
+            backbone = DEFAULT_BACKBONE
+    return registry.get("backbone", backbone) if backbone in registry.names("backbone") else None
 
 
 class _LoraSettings:

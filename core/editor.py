@@ -14,8 +14,8 @@ import attrs
 import torch
 from PIL import Image
 
-from gooddrag.core.config import (DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, check_precision,
-                                  resolve_config)
+from gooddrag.core.backbone import capability, contract_problems, require, select_backbone
+from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, check_precision, resolve_config
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
@@ -35,12 +35,7 @@ class EditResult:
     report: dict[str, Any]
 
 
-def select_backbone(registry: Registry, model: str) -> Any:
-    """A model name that is a registered backbone (e.g. ``tiny-random``) picks it; anything else
-    (hub id, folder, file) goes to the ``stable-diffusion`` backbone."""
-    if model in registry.names("backbone"):
-        return registry.get("backbone", model)
-    return registry.get("backbone", DEFAULT_BACKBONE)
+__all__ = ["Editor", "EditResult", "select_backbone"]
 
 
 class Editor:
@@ -48,16 +43,20 @@ class Editor:
 
     def __init__(self, backbone: Any, registry: Registry | None = None, faithful: bool = False,
                  precision: str = "auto", low_memory: bool = False, compile: bool = False):
+        missing = contract_problems(backbone)
+        if missing:
+            raise ConfigError(f"backbone {getattr(backbone, 'name', type(backbone).__name__)!r} does not meet the "
+                              f"backbone contract (core/backbone.py): it lacks {', '.join(missing)}")
         self.backbone = backbone
         self.registry = registry or default_registry()
         self.faithful = faithful
         self.precision = precision
         self.low_memory = low_memory
         if low_memory:
-            _supports(type(backbone), "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+            require(backbone, "supports_low_memory", "a low-memory mode", "low_memory (--low-memory)")
             backbone.set_low_memory(True)
-        if compile and not getattr(backbone, "compiled", False):
-            _supports(type(backbone), "compile", "torch.compile support", "compile (--compile)")
+        if compile and not capability(backbone, "compiled"):
+            require(backbone, "supports_compile", "torch.compile support", "compile (--compile)")
             backbone.compile()
         self.compile = compile
 
@@ -65,7 +64,8 @@ class Editor:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, vae: str = "auto", device: str = "auto",
                         dtype: str = "fp32", attention: str = "auto", faithful: bool = False,
                         precision: str = "auto", low_memory: bool = False, compile: bool = False,
-                        registry: Registry | None = None, verbose: bool = False) -> "Editor":
+                        registry: Registry | None = None, verbose: bool = False, backbone: str | None = None,
+                        model_config: str | None = None) -> "Editor":
         """Load the backbone for ``model`` once. ``faithful=True`` keeps the reference code path (no
         fast paths, no TF32, default memory layout): slower, for checking that the fast paths change
         nothing. ``precision`` is the compute precision of the heavy UNet passes (LoRA training,
@@ -78,25 +78,31 @@ class Editor:
         Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set to
         errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
         are. gooddrag's own warnings (``GoodDragWarning``) and log lines (logger ``gooddrag``) are not
-        affected."""
+        affected.
+
+        The backbone is the one that claims the model's files (``model_index.json``'s pipeline class,
+        a single file's tensor names), or ``backbone`` by name. ``model_config`` is the local diffusers
+        folder whose configs a single-file checkpoint uses (offline)."""
         check_precision(precision, dtype, faithful)  # before anything loads
         registry = registry or default_registry()
-        component = select_backbone(registry, model)
+        component, files = select_backbone(registry, model, backbone, model_config)
         if low_memory:
-            _supports(component, "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+            require(component, "supports_low_memory", "a low-memory mode", "low_memory (--low-memory)")
         if compile:
-            _supports(component, "compile", "torch.compile support", "compile (--compile)")
-        if not verbose and callable(getattr(component, "quiet", None)):
+            require(component, "supports_compile", "torch.compile support", "compile (--compile)")
+        if not verbose:
             component.quiet()
-        backbone = component.load(model, vae=vae, device=device, dtype=dtype, attention=attention)
-        if not faithful and hasattr(backbone, "optimize"):
-            backbone.optimize()
-        log.info("loaded %s on %s", model, backbone.device)
-        return cls(backbone, registry, faithful=faithful, precision=precision, low_memory=low_memory, compile=compile)
+        loaded = component.load(model, vae=vae, device=device, dtype=dtype, attention=attention, files=files)
+        if not faithful:
+            loaded.optimize()
+        log.info("loaded %s on %s (backbone %s)", model, loaded.device, loaded.name)
+        return cls(loaded, registry, faithful=faithful, precision=precision, low_memory=low_memory, compile=compile)
 
     def config(self, **kwargs: Any) -> EditConfig:
         b = self.backbone
-        runtime = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device), attention=b.attention,
+        if kwargs.get("width") is None:
+            kwargs["width"] = b.default_width
+        runtime = dict(model=b.model_id, vae=b.vae_id, device=str(b.device), attention=b.attention,
                        dtype=DTYPE_NAMES[b.dtype], faithful=self.faithful,
                        precision=self.precision, low_memory=self.low_memory, compile=self.compile)
         runtime.update({k: kwargs.pop(k) for k in ("lora", "seed", "width") if k in kwargs})
@@ -105,14 +111,16 @@ class Editor:
     def edit(self, image: Any, points: Sequence[Pair] | EditInput, mask: Any = None, *, preset: str = "gooddrag",
              schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
              overrides: Sequence[str] | dict = (), lora: str = "auto", prompt: str = "", seed: int = 0,
-             width: int = 512, plugins: Iterable[Any] = (), **params: Any) -> EditResult:
+             width: int | None = None, plugins: Iterable[Any] = (), **params: Any) -> EditResult:
         """Drag ``points`` ([(handle_xy, target_xy), ...] in image px) in ``image``.
 
+        ``width``: the working width; by default the model's own (SD1.5 512, SD 2.x 768, SDXL 1024).
         Parameters can be overridden as ``overrides=["loss.lam=0.1"]`` (the CLI's ``-p``) or as keywords
         ``kind_field=value``: ``loss_lam=0.1, schedule_drag_timesteps=5, lora_steps=100``.
         ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
         """
         overrides = [*overrides, *keyword_overrides(params)] if not isinstance(overrides, dict) else overrides
+        width = self.backbone.default_width if width is None else width
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = points if isinstance(points, EditInput) else prepare_input(image, points, mask, width=width)
@@ -126,28 +134,29 @@ class Editor:
                 return self._run(cfg, inp, prompt, notes)
             except Exception as exc:  # a compile error the backbone could not catch (in a backward pass)
                 b = self.backbone
-                if not (getattr(b, "compiled", False) and b.is_compile_error(exc)):
+                if not (capability(b, "compiled") and b.is_compile_error(exc)):
                     raise
                 b.fall_back_to_eager(exc)
                 return self._run(cfg, inp, prompt, notes)
 
     def _configure_backbone(self, params: Any) -> None:
         b = self.backbone
-        if params is None or params == getattr(b, "params", params):
+        if params is None or params == b.params:
             return
-        if not hasattr(b, "configure"):
-            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} cannot change its parameters "
+        if not capability(b, "configurable"):
+            raise ConfigError(f"backbone {b.name!r} cannot change its parameters "
                               "after loading; leave backbone.* at the defaults")
         b.configure(params)
 
     def _compute_dtype(self, cfg: EditConfig) -> torch.dtype | None:
         """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
         b = self.backbone
+        mixed = capability(b, "supports_mixed")
         compute = resolve_precision(cfg.precision, b.device, b.dtype, cfg.faithful,
-                                    getattr(b, "unet_parameters", lambda: 0)())
-        if not hasattr(b, "mixed"):
+                                    b.unet_parameters() if mixed else 0)
+        if not mixed:
             if compute is not None and cfg.precision != "auto":
-                raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+                raise ConfigError(f"backbone {b.name!r} has no mixed precision; "
                                   "use precision fp32 (or auto)")
             return None
         b.compute_dtype = compute
@@ -166,7 +175,7 @@ class Editor:
         raw_tracker = reg.get("tracker", cfg.tracker)(cfg.tracker_params)
         loss = CheckedLoss(raw_loss, cfg.loss, reg.owner("loss", cfg.loss))
         tracker = CheckedTracker(raw_tracker, cfg.tracker, reg.owner("tracker", cfg.tracker))
-        fast = set() if cfg.faithful else set(getattr(b, "fast_paths", ()))
+        fast = set() if cfg.faithful else set(b.fast_paths)
         patch_features = "patch_features" in fast and all(getattr(c, "reads_patches", False)
                                                           for c in (raw_loss, raw_tracker))
         compute = self._compute_dtype(cfg)
@@ -247,11 +256,6 @@ class Editor:
         res = EditResult(result, final, report)
         hook.gooddrag_edit_finished(result=res)
         return res
-
-
-def _supports(component: type, method: str, what: str, option: str) -> None:
-    if not hasattr(component, method):
-        raise ConfigError(f"backbone {getattr(component, 'name', component.__name__)!r} has no {what}; drop {option}")
 
 
 def keyword_overrides(params: dict[str, Any]) -> list[str]:
