@@ -289,7 +289,8 @@ def _read_hub(model: str) -> ModelFiles:
                 return ModelFiles(model, "hub", read=(f"nothing ({model}/model_index.json is not cached and the hub "
                                                       "cannot be reached)",),
                                   problem=f"model {model!r} is not available locally and the hub cannot be reached; "
-                                          f"download it once (hf download {model}) or pass a local folder")
+                                          f"download it once (hf download {model}) or give the model as a local "
+                                          "copy (a diffusers folder or a file)")
             got[key] = {}
     cls = got["index"].get("_class_name")
     return ModelFiles(model, "hub", cls, scheduler=got["scheduler"], unet=got["unet"], vae=got["vae"],
