@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from gooddrag.app.outputs.draw import draw_points
 from gooddrag.core.errors import BadInputError
 
 #: what :func:`write_result_files` writes
@@ -27,25 +28,10 @@ def to_pil(x: Any) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def draw_points(image: Image.Image, handles, targets, finals=None) -> Image.Image:
-    """Handles red, targets blue, arrows white, final handles green."""
-    im = image.convert("RGB").copy()
-    d = ImageDraw.Draw(im)
-    r = max(3, min(im.size) // 100)
-    for i, (h, t) in enumerate(zip(handles, targets)):
-        d.line([tuple(h), tuple(t)], fill=(255, 255, 255), width=max(1, r // 2))
-        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=(230, 40, 40))
-        d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=(40, 90, 230))
-        if finals is not None:
-            f = finals[i]
-            d.ellipse([f[0] - r, f[1] - r, f[0] + r, f[1] + r], outline=(40, 220, 40), width=max(1, r // 2))
-    return im
-
-
 def points_figure(original: Image.Image, result: Image.Image, report: dict) -> Image.Image:
     """Input with handles/targets beside the result with final handles."""
     left = draw_points(original, report["handles_xy"], report["targets_xy"])
-    right = draw_points(result, report["handles_xy"], report["targets_xy"], report["final_handles_xy"])
+    right = draw_points(result, report["handles_xy"], report["targets_xy"], current=report["final_handles_xy"])
     w, h = original.size
     fig = Image.new("RGB", (2 * w + 8, h), (255, 255, 255))
     fig.paste(left, (0, 0))
