@@ -61,7 +61,7 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH_AUTO,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (green)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -78,6 +78,12 @@ def edit(
     from gooddrag.core.registry import default_registry
 
     reg = default_registry()
+    if load.backbone is not None:
+        reg.get("backbone", load.backbone)  # an unknown name: one line listing the backbones that exist
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
                          load=load, lora=lora, seed=seed, width=width)
     if points and points_file:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from gooddrag.core.errors import ConfigError, GoodDragWarning
+from gooddrag.core.errors import ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict, parse_assignments
 from gooddrag.core.registry import Registry
@@ -29,7 +29,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
 OVERRIDE_KINDS = STRATEGY_KINDS + ("lora", "backbone")  # what a kind.field=value override may name
-#: the backbone used for any model that is not itself a registered backbone name (hub id, folder, file)
+#: the backbone whose parameters ``backbone.*`` overrides check when the model cannot be read before loading
 DEFAULT_BACKBONE = "stable-diffusion"
 #: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
 LORA_PATH_FIELDS = ("fuse",)
@@ -73,6 +73,10 @@ class LoadOptions:
                                    "results; for GPUs with about 6 GB).", "--low-memory")
     compile: bool = _opt(False, "torch.compile the UNet's transformer blocks (the first edit of each size compiles, "
                                 "later ones run faster; a compile error falls back to eager).")
+    backbone: str | None = _opt(None, "Backbone by name (see `gooddrag plugins`); by default the one that claims the "
+                                      "model's files (model_index.json's pipeline class, a file's tensor names).")
+    model_config: str | None = _opt(None, "For a single-file .safetensors/.ckpt model: the local diffusers folder of "
+                                          "its base model, whose configs it loads with (offline).", "--model-config")
 
     def check(self) -> "LoadOptions":
         """One-line ConfigError for a value no backbone could load with (before anything loads)."""
@@ -194,7 +198,7 @@ def resolve_config(
     if idle:
         why = "the LoRA is off" if mode == "off" else "a trained LoRA is loaded from a path"
         notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
-    bcomp = _backbone_component(registry, backbone, load.model)
+    bcomp = _backbone_component(registry, backbone or load.backbone, load.model, load.model_config)
     if bcomp is None:
         if given.get("backbone"):
             raise ConfigError(f"backbone {backbone!r} is not registered, so backbone.* overrides cannot be checked")
@@ -214,12 +218,19 @@ def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_p
                                   else "default")
 
 
-def _backbone_component(registry: Registry, backbone: str | type | None, model: str) -> type | None:
+def _backbone_component(registry: Registry, backbone: str | type | None, model: str,
+                        config: str | None = None) -> type | None:
     """The backbone class for ``backbone`` (class or name), else the one ``model`` selects."""
     if isinstance(backbone, type):
         return backbone
-    name = backbone or (model if model in registry.names("backbone") else DEFAULT_BACKBONE)
-    return registry.get("backbone", name) if name in registry.names("backbone") else None
+    if backbone is None:
+        from gooddrag.core.backbone import select_backbone
+
+        try:  # the backbone that claims the model's files (read, not loaded)
+            return select_backbone(registry, model, config=config)[0]
+        except GoodDragError:  # a model that cannot be read here: loading says why, in one line
+            backbone = DEFAULT_BACKBONE
+    return registry.get("backbone", backbone) if backbone in registry.names("backbone") else None
 
 
 class _LoraSettings:

@@ -338,7 +338,7 @@ class Strategies:
 
         raw_loss = registry.get("loss", cfg.loss)(cfg.loss_params)
         raw_tracker = registry.get("tracker", cfg.tracker)(cfg.tracker_params)
-        fast = frozenset() if cfg.load.faithful else frozenset(getattr(b, "fast_paths", ()))
+        fast = frozenset() if cfg.load.faithful else frozenset(b.fast_paths)
         return cls(schedule=registry.get("schedule", cfg.schedule)(cfg.schedule_params),
                    loss=CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
                    tracker=CheckedTracker(raw_tracker, cfg.tracker, registry.owner("tracker", cfg.tracker)),
@@ -362,11 +362,12 @@ class Strategies:
 
 def compute_dtype(b: Any, cfg: Any) -> torch.dtype | None:
     """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
+    mixed = b.supports_mixed  # the contract's flag: mixed(), compute_dtype, unet_parameters()
     compute = resolve_precision(cfg.load.precision, b.device, b.dtype, cfg.load.faithful,
-                                getattr(b, "unet_parameters", lambda: 0)())
-    if not hasattr(b, "mixed"):
+                                b.unet_parameters() if mixed else 0)
+    if not mixed:
         if compute is not None and cfg.load.precision != "auto":
-            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+            raise ConfigError(f"backbone {b.name!r} has no mixed precision; "
                               "use precision fp32 (or auto)")
         return None
     b.compute_dtype = compute

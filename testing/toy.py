@@ -15,14 +15,16 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core.backbone import Backbone
 from gooddrag.core.ddim import DDIM
 
 
-class ToyBackbone:
+class ToyBackbone(Backbone):
     """Features = latent (upsampled); eps = 0; no attention, no LoRA."""
 
     name = "toy"
     feature_scale = 4
+    default_width = 512
     fast_paths = frozenset({"patch_features", "features_only"})
 
     @attrs.frozen(kw_only=True)
@@ -35,6 +37,7 @@ class ToyBackbone:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self._ddim: DDIM | None = None
         self.calls = 0  # UNet-equivalent forward passes
+        self.params = self.Params()
 
     def sampler(self, num_steps: int) -> DDIM:
         if self._ddim is None or self._ddim.num_steps != num_steps:
