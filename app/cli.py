@@ -174,7 +174,8 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
             row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
-                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                    parts = (comp.schedule, comp.loss, comp.tracker)
+                    row.append(" + ".join(x for x in parts if x) + "; " + json.dumps(dict(comp.params)))
                 else:
                     row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
                                or "(none)")

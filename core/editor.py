@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gooddrag.core.config import (DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, check_precision,
-                                  resolve_config)
+                                  resolve_config, schedule_needs)
 from gooddrag.core.contracts import CheckedLoss, CheckedTracker
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.engine import DragContext, Events, Points, Reference, drag_window
@@ -156,19 +156,20 @@ class Editor:
     def _run(self, cfg: EditConfig, inp: EditInput, prompt: str, notes: list[str]) -> EditResult:
         reg, b, hook = self.registry, self.backbone, self.registry.pm.hook
         events = Events(hook)
-        timer = _PhaseTimer(b.device, events)
+        timer = _PhaseTimer(b.device, events, getattr(b, "passes", None))
         cuda = b.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(b.device)
         hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
         schedule = reg.get("schedule", cfg.schedule)(cfg.schedule_params)
-        raw_loss = reg.get("loss", cfg.loss)(cfg.loss_params)
-        raw_tracker = reg.get("tracker", cfg.tracker)(cfg.tracker_params)
-        loss = CheckedLoss(raw_loss, cfg.loss, reg.owner("loss", cfg.loss))
-        tracker = CheckedTracker(raw_tracker, cfg.tracker, reg.owner("tracker", cfg.tracker))
+        needs = schedule_needs(type(schedule))  # build only what the schedule uses
+        raw_loss = reg.get("loss", cfg.loss)(cfg.loss_params) if "loss" in needs else None
+        raw_tracker = reg.get("tracker", cfg.tracker)(cfg.tracker_params) if "tracker" in needs else None
+        loss = raw_loss and CheckedLoss(raw_loss, cfg.loss, reg.owner("loss", cfg.loss))
+        tracker = raw_tracker and CheckedTracker(raw_tracker, cfg.tracker, reg.owner("tracker", cfg.tracker))
         fast = set() if cfg.faithful else set(getattr(b, "fast_paths", ()))
         patch_features = "patch_features" in fast and all(getattr(c, "reads_patches", False)
-                                                          for c in (raw_loss, raw_tracker))
+                                                          for c in (raw_loss, raw_tracker) if c is not None)
         compute = self._compute_dtype(cfg)
         mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
         torch.manual_seed(cfg.seed)
@@ -176,8 +177,8 @@ class Editor:
         image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
         num_steps = cfg.schedule_params.num_inference_steps
         ddim = b.sampler(num_steps)
-        with timer("lora"):
-            lora_status = b.use_lora(cfg.lora, image, cfg.lora_params)
+        with timer("lora"):  # "off" drops a LoRA left from an earlier edit
+            lora_status = b.use_lora(cfg.lora if "lora" in needs else "off", image, cfg.lora_params)
         with timer("inversion"):
             z0 = b.encode(image)  # (1, 4, H/8, W/8)
             start, indices = drag_window(schedule, num_steps)
@@ -189,7 +190,8 @@ class Editor:
         with contextlib.ExitStack() as mixed_span:
             with timer("reference"):
                 mixed_span.enter_context(mixed())
-                ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
+                ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features,
+                                passes="reference" in needs)
             handles, targets = (x.to(b.device) for x in inp.grid_points())
             mask = inp.latent_mask()
             ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z_start, reference=ref,
@@ -197,7 +199,7 @@ class Editor:
                               mask=None if mask is None else mask.to(b.device), events=events,
                               mask_is_empty=mask is not None and not bool(mask.any()),
                               patch_features=patch_features, reuse_forward=not cfg.faithful)
-            uses_eps = getattr(raw_loss, "uses_eps", None)
+            uses_eps = getattr(raw_loss, "uses_eps", None)  # None without a loss: nothing to skip
             ctx.features_only = "features_only" in fast and uses_eps is not None and not uses_eps(ctx)
             with timer("drag"):
                 out = schedule.run(ctx)
@@ -240,6 +242,7 @@ class Editor:
             "compute": f"{DTYPE_NAMES[compute]} autocast" if compute is not None else cfg.dtype,
             "attention": b.attention,
             "timings_s": timer.times,
+            "unet_passes": timer.passes,
             "peak_memory_mb": _peak_mb(b.device),
             "warnings": notes,
             "versions": versions(),
@@ -287,18 +290,32 @@ def _peak_mb(device: torch.device) -> float:
 class _PhaseTimer:
     """Wall time per phase (CUDA-synchronised at the edges only) and phase events."""
 
-    def __init__(self, device: torch.device, events: Events):
-        self.device, self.events, self.times = device, events, {}
+    def __init__(self, device: torch.device, events: Events, counter: Any = None):
+        self.device, self.events, self.times, self.counter = device, events, {}, counter
+        self._passes: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self.events.phase(name, "start")
+        before = self.counter.snapshot() if self.counter is not None else None
         t0 = time.perf_counter()
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times[name] = round(time.perf_counter() - t0, 4)
+        if before is not None:
+            fwd, bwd = (now - then for now, then in zip(self.counter.snapshot(), before))
+            self._passes[name] = {"forward": fwd, "backward": bwd}
         self.events.phase(name, "end")
+
+    @property
+    def passes(self) -> dict[str, dict[str, int]]:
+        """UNet passes per phase, ``{"lora": {"forward": n, "backward": m}, ..., "total": {...}}``; {}
+        when the backbone does not count them."""
+        if not self._passes:
+            return {}
+        total = {k: sum(p[k] for p in self._passes.values()) for k in ("forward", "backward")}
+        return {**self._passes, "total": total}
 
 
 @contextlib.contextmanager

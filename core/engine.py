@@ -66,7 +66,7 @@ class Reference:
     """
 
     def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int],
-                 patch_features: bool = False):
+                 patch_features: bool = False, passes: bool = True):
         self.backbone = backbone
         self.patch_features = patch_features  # hand out FeatureMaps (computed where read), not dense maps
         self.latents: dict[int, torch.Tensor] = {}
@@ -75,6 +75,9 @@ class Reference:
         self._cached: tuple[int, torch.Tensor] | None = None
         assert indices, "a schedule must drag on at least one timestep"
         self._latent_hw = tuple(z_start.shape[-2:])  # (h, w): the feature grid is 4x this
+        if not passes:  # a schedule that needs no reference: only the start, where the finish begins
+            self.latents[min(indices)] = z_start
+            return
         z = z_start
         with torch.no_grad():
             for k in range(min(indices), max(indices) + 1):
@@ -187,6 +190,40 @@ class DragContext:
             return z.new_zeros(())
         z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+class UNetPasses:
+    """A backbone's UNet passes so far: ``forward`` counts every pass (a batch-2 pass once, a pass
+    stopped after the feature block too), ``backward`` every backward pass that ran back through one.
+    Plain Python ints: counting costs no host sync; the engine reads them at phase edges."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+
+    def counted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a pass's input, or its output when the input takes no gradient), marked so that a
+        backward pass through it is counted; unchanged without autograd."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CountBackward.apply(x, self)
+        return x
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.forward, self.backward
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts one backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, counter: UNetPasses) -> torch.Tensor:
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.counter.backward += 1
+        return grad, None
 
 
 def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: bool) -> Features:

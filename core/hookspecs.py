@@ -29,8 +29,14 @@ def gooddrag_register_schedules() -> list[type]:
 
     A schedule has ``Params`` and ``run(ctx) -> Outcome``: it decides at which timesteps to drag,
     how many optimisation steps, when to track points and when to stop (see core/engine.py).
-    It also exposes ``start_index(num_steps)`` and ``drag_indices(num_steps)`` so the engine can
-    invert to the right timestep and cache the reference trajectory it will need.
+    It also exposes ``drag_indices(start, num_steps)`` so the engine can invert to the right timestep
+    and cache the reference trajectory it will need.
+
+    A class attribute ``needs`` (a frozenset, a subset of ``{"lora", "loss", "tracker", "reference"}``)
+    says what the engine must build before ``run``; a schedule without it gets all four. For what is
+    not needed the engine trains or loads nothing: ``ctx.loss`` and ``ctx.tracker`` are None, no
+    reference pass is made (``ctx.reference`` holds only the inverted latent), no ``--loss`` or
+    ``--tracker`` is asked for, and the LoRA is off. The closed-form ``warp`` schedule needs nothing.
     """
 
 

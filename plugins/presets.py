@@ -21,7 +21,12 @@ DRAGDIFFUSION_STAR = Preset(
     schedule="single-step", loss="patch-following", tracker="nearest",
     params={"tracker": {"radius": 3}, "schedule": {"steps": 210}})
 
+INSTANT = Preset(
+    name="instant", doc="Instant drag: one closed-form warp of the inverted latent and a 14-step mutual-attention "
+                        "finish (20-step sampler); no LoRA, no gradient steps",
+    schedule="warp")
+
 
 @hookimpl
 def gooddrag_register_presets():
-    return [GOODDRAG, GOODDRAG_BENCH, DRAGDIFFUSION, DRAGDIFFUSION_STAR]
+    return [GOODDRAG, GOODDRAG_BENCH, DRAGDIFFUSION, DRAGDIFFUSION_STAR, INSTANT]
