@@ -97,3 +97,129 @@ def test_bad_choices_are_refused():
         warp_latent(z, pts((1, 1)), pts((2, 2)), None, combine="sum")
     with pytest.raises(ValueError, match="noise tensor"):
         warp_latent(z, pts((1, 1)), pts((2, 2)), None, fill="noise")
+
+
+# --- the schedule in the engine ---------------------------------------------------------------------
+
+from gooddrag.core.editor import Editor  # noqa: E402
+from gooddrag.core.errors import ConfigError, GoodDragWarning  # noqa: E402
+from gooddrag.core.registry import default_registry  # noqa: E402
+from gooddrag.testing.toy import ToyBackbone  # noqa: E402
+
+IW = 128
+YY, XX = np.mgrid[0:IW, 0:IW]
+HANDLE, TARGET = (40, 64), (84, 64)  # image px [x, y]
+
+
+def blob_image(cx, cy):
+    a = (np.exp(-((XX - cx) ** 2 + (YY - cy) ** 2) / (2 * 10 ** 2)) * 255).astype("uint8")
+    return Image.fromarray(np.stack([a, a, a], -1))
+
+
+def test_instant_moves_the_blob_with_no_lora_loss_tracker_or_gradient():
+    r = Editor(ToyBackbone()).edit(blob_image(*HANDLE), [(HANDLE, TARGET)], preset="instant", width=IW)
+    res = np.asarray(r.image, dtype=float)[..., 0] / 255
+    assert res[TARGET[1], TARGET[0]] > 0.6 and res[HANDLE[1], HANDLE[0]] < 0.3
+    rep = r.report
+    cfg = rep["config"]
+    assert cfg["schedule"] == "warp" and cfg["loss"] is None and cfg["tracker"] is None
+    assert cfg["loss_params"] is None and rep["lora"] == "off" and rep["gradient_steps"] == 0
+    passes = rep["unet_passes"]
+    steps = cfg["schedule_params"]["num_inference_steps"]
+    inverted = round(cfg["schedule_params"]["inversion_strength"] * steps)
+    assert passes["lora"] == passes["reference"] == passes["drag"] == {"forward": 0, "backward": 0}
+    assert passes["inversion"] == {"forward": inverted, "backward": 0}
+    assert passes["finish"] == {"forward": 2 * inverted, "backward": 0}  # the toy runs [ref, edit] as two
+    assert passes["total"] == {"forward": 3 * inverted, "backward": 0}
+    assert np.abs(np.array(r.points[0]) - TARGET).max() <= 2  # the handle is reported where the warp put it
+
+
+def test_the_engine_builds_no_loss_or_tracker_for_the_warp(monkeypatch):
+    reg = default_registry()
+    asked = []
+    real_get = reg.get
+    monkeypatch.setattr(reg, "get", lambda kind, name: asked.append(kind) or real_get(kind, name))
+    Editor(ToyBackbone(), reg).edit(blob_image(*HANDLE), [(HANDLE, TARGET)], preset="instant", width=IW)
+    assert "loss" not in asked and "tracker" not in asked
+
+
+def test_aldd_reports_its_backward_passes():
+    r = Editor(ToyBackbone()).edit(blob_image(*HANDLE), [(HANDLE, TARGET)], lora="off", width=IW,
+                                   overrides=["schedule.patience=0"])
+    drag = r.report["unet_passes"]["drag"]
+    assert drag["backward"] == r.report["gradient_steps"] > 0
+    assert drag["forward"] >= drag["backward"]
+
+
+def test_a_loss_asked_of_the_warp_is_a_note_and_a_schedule_that_needs_one_must_get_one():
+    reg = default_registry()
+    from gooddrag.core.config import resolve_config
+
+    with pytest.warns(GoodDragWarning, match="--loss info-preserving, loss.lam have no effect: schedule 'warp' uses no loss"):
+        cfg = resolve_config(reg, preset="instant", loss="info-preserving", overrides=["loss.lam=0.3"])
+    assert cfg.loss is None
+    with pytest.warns(GoodDragWarning, match="lora.rank has no effect: schedule 'warp' uses no LoRA"):
+        resolve_config(reg, preset="instant", overrides=["lora.rank=8"])
+    with pytest.raises(ConfigError, match="schedule 'aldd' needs a loss and preset 'instant' names none; choose one with --loss"):
+        resolve_config(reg, preset="instant", schedule="aldd")
+    assert resolve_config(reg, preset="instant", schedule="aldd", loss="info-preserving", tracker="nearest").loss_params
+
+
+def test_outside_the_mask_nothing_changes_and_a_pair_outside_it_is_warned():
+    mask = np.zeros((IW, IW), bool)
+    mask[20:100, 20:80] = True  # the target (84, 64) is outside
+    img = blob_image(*HANDLE)
+    with pytest.warns(GoodDragWarning, match="target 1 at \\(84, 64\\) is outside the editable mask"):
+        r = Editor(ToyBackbone()).edit(img, [(HANDLE, TARGET)], mask, preset="instant", width=IW)
+    assert any("outside the editable mask" in w for w in r.report["warnings"])
+    toy = ToyBackbone()  # what the toy makes of the image untouched: its 8x8 average, decoded
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    same = (toy.decode(toy.encode(x))[0].permute(1, 2, 0).numpy() * 255).round()
+    res = np.asarray(r.image, dtype=float)
+    outside = ~np.kron(mask[::8, ::8], np.ones((8, 8), bool))  # whole latent cells outside the mask
+    assert np.abs(res[outside] - same[outside]).max() <= 1  # unchanged (up to the 8-bit rounding)
+    assert np.abs(res[~outside] - same[~outside]).max() > 50  # while inside the blob moved
+
+
+def test_handles_at_the_border_are_clamped_to_the_latent():
+    r = Editor(ToyBackbone()).edit(blob_image(*HANDLE), [((0, 0), (60, 60)), ((IW - 1, IW - 1), (70, IW - 1))],
+                                   preset="instant", width=IW)
+    assert r.report["stop_reason"] == "warped"
+    for x, y in r.points:
+        assert 0 <= x < IW and 0 <= y < IW
+
+
+def test_instant_from_the_command_line_on_the_tiny_model(img, tmp_path, capsys):
+    import json
+
+    from gooddrag.app import cli
+
+    code = cli.main(["edit", str(img), "--points", "10,10:20,12", "--preset", "instant", "--model", "tiny-random",
+                     "--width", "32", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["config"]["schedule"] == "warp" and run["unet_passes"]["drag"]["forward"] == 0
+    assert run["unet_passes"]["finish"]["forward"] == 14  # one batch-2 pass per remaining step (20 x 0.7)
+    assert "warped" in out
+
+
+def test_instant_through_the_python_api_on_the_tiny_model(tiny_editor, img):
+    r = tiny_editor.edit(str(img), [((10, 10), (20, 12))], preset="instant", width=32)
+    assert r.image.size == (48, 32) and r.report["lora"] == "off"
+    assert r.report["unet_passes"]["total"] == {"forward": 28, "backward": 0}
+
+
+def test_the_ui_lists_the_instant_preset_and_opens_with_it(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from gooddrag.app.ui.page import UiSettings, build_page
+    from gooddrag.app.ui.work import EditorPool
+
+    reg = default_registry()
+    page = build_page(UiSettings(model="tiny-random", preset="instant", out=tmp_path, samples=tmp_path), reg,
+                      EditorPool(reg))
+    dd = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "preset")
+    assert "instant" in [c[0] if isinstance(c, tuple) else c for c in dd.choices] and dd.value == "instant"
+    picker = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "pick-schedule")
+    assert picker.value == "warp"
+    assert isinstance(page, gr.Blocks)
