@@ -11,7 +11,7 @@ from gooddrag.core.config import DEFAULT_MODEL
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", help="Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random.")
 VAE = typer.Option("auto", "--vae", help="auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file.")
-PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star, instant (see gooddrag plugins).")
+PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star, instant, instant-refine (see gooddrag plugins).")
 SCHEDULE = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's).")
 LOSS = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's).")
 TRACKER = typer.Option(None, "--tracker", help="Point tracker (default: the preset's).")

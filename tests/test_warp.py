@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gooddrag.schedules.warp import warp_latent
+from gooddrag.core.warp import warp_latent
 
 H = W = 32
 
@@ -223,3 +223,17 @@ def test_the_ui_lists_the_instant_preset_and_opens_with_it(tmp_path):
     picker = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "pick-schedule")
     assert picker.value == "warp"
     assert isinstance(page, gr.Blocks)
+
+
+def test_instant_refine_starts_from_the_warp_and_stops_once_tracking_confirms_it():
+    r = Editor(ToyBackbone()).edit(blob_image(*HANDLE), [(HANDLE, TARGET)], preset="instant-refine", lora="off",
+                                   width=IW)
+    res = np.asarray(r.image, dtype=float)[..., 0] / 255
+    assert res[TARGET[1], TARGET[0]] > 0.6 and res[HANDLE[1], HANDLE[0]] < 0.3
+    # the warp lands the blob on the target's latent pixel (within half of one: 2 feature-grid px); the
+    # drags only finish the sub-pixel rest, where the same schedule without the warp drags the whole way
+    plain = Editor(ToyBackbone()).edit(blob_image(*HANDLE), [(HANDLE, TARGET)], preset="instant-refine", lora="off",
+                                       width=IW, overrides=["schedule.warp_start=false"])
+    assert r.report["stop_reason"] == plain.report["stop_reason"] == "reached"
+    assert 0 <= r.report["gradient_steps"] <= plain.report["gradient_steps"] / 3, (r.report["gradient_steps"],
+                                                                                 plain.report["gradient_steps"])
