@@ -112,7 +112,8 @@ def gooddrag_points_tracked(timestep: int, drag: int, points: Any) -> None:
 
 @hookspec
 def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
-    """Called once when dragging ends: reason is ``reached``, ``patience`` or ``schedule_end``."""
+    """Called once when dragging ends: reason is ``reached``, ``patience``, ``schedule_end``,
+    ``loss_threshold`` or ``warped`` (the ``warp`` schedule's closed-form move, which no tracker checks)."""
 
 
 @hookspec

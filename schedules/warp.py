@@ -46,6 +46,10 @@ class Warp:
     def drag_indices(self, start: int, num_steps: int) -> list[int]:
         return [start]
 
+    def drag_passes(self, start: int, num_steps: int) -> tuple[int, int, int]:
+        """(forwards, forward+backwards, next index): the warp makes no UNet pass."""
+        return 0, 0, start
+
     def run(self, ctx: DragContext) -> Outcome:
         P = self.params
         k = ctx.start_index

@@ -214,10 +214,11 @@ def test_the_ui_lists_the_instant_preset_and_opens_with_it(tmp_path):
     gr = pytest.importorskip("gradio")
     from gooddrag.app.ui.page import UiSettings, build_page
     from gooddrag.app.ui.work import EditorPool
+    from gooddrag.core.config import LoadOptions
 
     reg = default_registry()
-    page = build_page(UiSettings(model="tiny-random", preset="instant", out=tmp_path, samples=tmp_path), reg,
-                      EditorPool(reg))
+    settings = UiSettings(load=LoadOptions(model="tiny-random"), preset="instant", out=tmp_path, samples=tmp_path)
+    page = build_page(settings, reg, EditorPool(reg))
     dd = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "preset")
     assert "instant" in [c[0] if isinstance(c, tuple) else c for c in dd.choices] and dd.value == "instant"
     picker = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "pick-schedule")
@@ -237,3 +238,48 @@ def test_instant_refine_starts_from_the_warp_and_stops_once_tracking_confirms_it
     assert r.report["stop_reason"] == plain.report["stop_reason"] == "reached"
     assert 0 <= r.report["gradient_steps"] <= plain.report["gradient_steps"] / 3, (r.report["gradient_steps"],
                                                                                  plain.report["gradient_steps"])
+
+
+def test_the_warp_schedule_passes_the_plugin_contract_suite():
+    from gooddrag.schedules.warp import Warp
+    from gooddrag.testing import check_component
+
+    check_component("schedule", Warp)
+
+
+# --- the cost estimate a CPU user sees before paying -----------------------------------------------
+
+def test_worst_case_cost_counts_every_pass_of_the_preset():
+    from gooddrag.core.config import resolve_config
+    from gooddrag.core.estimate import FORWARD_BACKWARD, LORA_STEP_B4_512, MUTUAL_B2, forward_units
+
+    reg = default_registry()
+    good = forward_units(resolve_config(reg), reg.get("schedule", "aldd"), (512, 512))
+    assert good == {"lora": 70 * LORA_STEP_B4_512, "inversion": 38, "reference": 7,
+                    "drag": 7 * 2 + 210 * FORWARD_BACKWARD, "finish": 31 * MUTUAL_B2}
+    fast = forward_units(resolve_config(reg, preset="instant"), reg.get("schedule", "warp"), (512, 512))
+    assert fast == {"lora": 0, "inversion": 14, "reference": 0, "drag": 0, "finish": 14 * MUTUAL_B2}
+    no_lora = forward_units(resolve_config(reg, lora="off"), reg.get("schedule", "aldd"), (512, 512))
+    assert no_lora["lora"] == 0
+    assert sum(fast.values()) / sum(good.values()) < 0.05
+
+
+def test_gooddrag_on_a_cpu_with_a_full_size_model_says_what_it_costs_before_the_lora(img, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from gooddrag.app import cli
+    from gooddrag.plugins.backbones.stable_diffusion import StableDiffusionBackbone
+
+    argv = ["edit", str(img), "--points", "10,10:20,12", "--model", "tiny-random", "--width", "32",
+            "-p", "schedule.num_inference_steps=4", "-p", "schedule.drag_timesteps=1", "-p",
+            "schedule.drags_per_timestep=1", "-p", "lora.steps=1", "--precision", "fp32"]
+    assert cli.main([*argv, "--out", str(tmp_path / "tiny")]) == 0
+    assert "estimate on this CPU" not in capsys.readouterr().err  # the tiny model costs nothing worth saying
+    monkeypatch.setattr(StableDiffusionBackbone, "unet_parameters", lambda self: 860_000_000)  # "full size"
+    assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("estimate on this CPU")]
+    assert len(lines) == 1, lines
+    assert "preset gooddrag takes up to about" in lines[0] and "(LoRA training" in lines[0]
+    assert "--preset instant answers in about" in lines[0]
+    assert cli.main(["edit", str(img), "--points", "10,10:20,12", "--model", "tiny-random", "--width", "32",
+                     "--preset", "instant", "--out", str(tmp_path / "instant")]) == 0
+    assert "estimate on this CPU" not in capsys.readouterr().err  # instant is the fast answer already
