@@ -127,6 +127,11 @@ def edit(
         gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
+        from gooddrag.core.estimate import cpu_estimate
+
+        estimate = cpu_estimate(editor.backbone, reg, cfg, inp.work_size)  # full-size model on a CPU only
+        if estimate:
+            typer.echo(estimate, err=True)
         try:
             result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
         finally:
@@ -176,7 +181,8 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
             row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
-                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                    parts = (comp.schedule, comp.loss, comp.tracker)
+                    row.append(" + ".join(x for x in parts if x) + "; " + json.dumps(dict(comp.params)))
                 else:
                     row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
                                or "(none)")

@@ -36,6 +36,12 @@ def gooddrag_register_schedules() -> list[type]:
     caches the reference trajectory over them) and ``run(ctx: DragContext) -> Outcome``: it decides
     how many optimisation steps, when to track points and when to stop, denoises its own drag
     timesteps, and returns the latent and the index the engine's finish starts from.
+
+    A class attribute ``needs`` (a frozenset, a subset of ``{"lora", "loss", "tracker", "reference"}``)
+    says what the engine must build before ``run``; a schedule without it gets all four. For what is
+    not needed the engine trains or loads nothing: ``ctx.loss`` and ``ctx.tracker`` are None, no
+    reference pass is made (``ctx.reference`` holds only the inverted latent), no ``--loss`` or
+    ``--tracker`` is asked for, and the LoRA is off. The closed-form ``warp`` schedule needs nothing.
     """
 
 
@@ -114,8 +120,8 @@ def gooddrag_points_tracked(timestep: int, drag: int, points: Any) -> None:
 
 @hookspec
 def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
-    """Called once when dragging ends: reason is ``reached``, ``patience``, ``loss_threshold`` or
-    ``schedule_end``."""
+    """Called once when dragging ends: reason is ``reached``, ``patience``, ``schedule_end``,
+    ``loss_threshold`` or ``warped`` (the ``warp`` schedule's closed-form move, which no tracker checks)."""
 
 
 @hookspec
