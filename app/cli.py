@@ -61,7 +61,7 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH_AUTO,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (green)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -78,6 +78,12 @@ def edit(
     from gooddrag.core.registry import default_registry
 
     reg = default_registry()
+    if load.backbone is not None:
+        reg.get("backbone", load.backbone)  # an unknown name: one line listing the backbones that exist
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
                          load=load, lora=lora, seed=seed, width=width)
     if points and points_file:
@@ -121,6 +127,11 @@ def edit(
         gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
+        from gooddrag.core.estimate import cpu_estimate
+
+        estimate = cpu_estimate(editor.backbone, reg, cfg, inp.work_size)  # full-size model on a CPU only
+        if estimate:
+            typer.echo(estimate, err=True)
         try:
             result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
         finally:
@@ -170,7 +181,8 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
             row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
-                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                    parts = (comp.schedule, comp.loss, comp.tracker)
+                    row.append(" + ".join(x for x in parts if x) + "; " + json.dumps(dict(comp.params)))
                 else:
                     row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
                                or "(none)")

@@ -19,9 +19,12 @@ from gooddrag.testing import random_image
 
 def test_model_name_selects_the_backbone():
     reg = default_registry()
-    assert select_backbone(reg, "tiny-random").name == "tiny-random"
-    assert select_backbone(reg, "some/hub-id").name == "stable-diffusion"
-    assert select_backbone(reg, "/models/sd15").name == "stable-diffusion"
+    assert select_backbone(reg, "tiny-random")[0].name == "tiny-random"
+    assert select_backbone(reg, str(tiny_pipeline_dir()))[0].name == "stable-diffusion"  # by its model_index.json
+    with pytest.raises(ModelNotFoundError, match="hub cannot be reached"):  # offline, not cached: one line
+        select_backbone(reg, "some/hub-id")
+    with pytest.raises(ModelNotFoundError, match="no such folder or file"):
+        select_backbone(reg, "/models/sd15")
 
 
 def test_explicit_vae_folder_is_used_and_recorded():

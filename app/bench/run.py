@@ -475,8 +475,8 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     head = [f"Dataset: {dataset_name} `{opts.dataset_dir}`, {len(samples)} samples"
             + (f" (--limit {opts.limit})" if opts.limit else "") + (f" (--shard {opts.shard})" if shard else ""),
             "",
-            f"Method: preset `{cfg.preset}` ({cfg.schedule} + {cfg.loss} + {cfg.tracker}), model `{cfg.load.model}`, "
-            f"lora `{cfg.lora}`, {cfg.load.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
+            f"Method: preset `{cfg.preset}` ({' + '.join(x for x in (cfg.schedule, cfg.loss, cfg.tracker) if x)}), "
+            f"model `{cfg.load.model}`, lora `{cfg.lora}`, {cfg.load.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
             f"{'the samples' if opts.prompts else 'empty'}; full config in summary.json", ""]
     write_report(out, ordered, metrics, summary, by_id, "gooddrag bench report", head)
     return summary

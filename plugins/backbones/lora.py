@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core.ddim import DDIM
 from gooddrag.core.errors import BadInputError, GoodDragWarning
 from gooddrag.plugins.backbones.fingerprint import pipeline_digest, sha256_file
 
@@ -239,7 +240,7 @@ class PerImageLora:
         gen = torch.Generator().manual_seed(params.seed)
         crops = _random_crops(image, params.crop, params.batch_size, gen)  # (B, 3, c, c)
         with torch.no_grad(), b.visiting(b.vae):
-            dist = b.vae.encode(crops.to(b.device, b.dtype)).latent_dist
+            dist = b.vae.encode(crops.to(b.device, b.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
         draws = [(torch.randn(mean.shape, generator=gen), torch.randn(mean.shape, generator=gen),
                   torch.randint(0, b.num_train_timesteps, (mean.shape[0],), generator=gen))
@@ -249,8 +250,9 @@ class PerImageLora:
         fused = b.device.type == "cuda"  # one kernel for the whole AdamW update (same algorithm)
         opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay,
                                 **({"fused": True} if fused else {}))
-        emb = b.text_embedding(crops.shape[0])
-        sched = self.pipe.scheduler
+        cond = b.conditioning(crops.shape[0], mean.shape[-2:])  # the prompt (and SDXL's pooled/size inputs)
+        # only its alphas and prediction type: q(z_t | x0) and the training target (noise, or v)
+        ddim = DDIM(b.alphas_cumprod, 1, b.num_train_timesteps, prediction_type=b.prediction_type)
         compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA parameters and Adam stay fp32 either way
         checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
         if checkpointing:
@@ -258,10 +260,10 @@ class PerImageLora:
         try:
             for k in range(params.steps):
                 latents = (mean + std * posterior[k]) * b.scaling
-                noisy = sched.add_noise(latents, noises[k], ts[k])
+                noisy = ddim.add_noise(latents, noises[k], ts[k])
                 with torch.autocast(b.device.type, dtype=compute, enabled=compute != torch.float32):
-                    pred = b.run_unet(noisy.to(b.dtype), ts[k], encoder_hidden_states=emb, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noises[k])
+                    pred = b.run_unet(noisy.to(b.dtype), ts[k], **cond, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), ddim.target(latents, noises[k], ts[k]))  # noise, or v
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
