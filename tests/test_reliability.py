@@ -630,3 +630,18 @@ def test_ray_joins_a_cluster_already_running_here_without_starting_one(monkeypat
     fake = _FakeRay(running_cluster=True)
     assert RayRunner()._connect(fake) is True
     assert [c["address"] for c in fake.calls] == ["auto"]
+
+
+def test_the_weights_digest_ignores_adapters_a_path_lora_left_behind(tiny_editor, tmp_path):
+    """A LoRA loaded by path and dropped again leaves peft's wrapper layers: the digest (so the cache
+    key) of the model must not change, or a fresh process would miss the cache."""
+    from gooddrag.plugins.backbones.fingerprint import tensors_digest
+
+    unet, lora = tiny_editor.backbone.unet, tiny_editor.backbone.lora
+    lora.drop()  # an earlier edit's LoRA stays fused until the next edit drops it
+    before = tensors_digest(unet, sample=1024)
+    first = tiny_editor.edit(random_image(32, 32, seed=41), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    tiny_editor.edit(random_image(32, 32, seed=41), [((8, 8), (20, 20))],
+                     lora=first.report["lora"].split(" ", 1)[1], **{**_LORA_KW, "overrides": _LORA_KW["overrides"][4:]})
+    lora.drop()
+    assert tensors_digest(unet, sample=1024) == before
