@@ -15,6 +15,7 @@ from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
+from gooddrag.core.config import LoadOptions
 from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning, RequirementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,15 +44,15 @@ def _main(
 
 
 @app.command()
+@O.with_load_options
 def edit(
+    ctx: typer.Context,
     image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
     points_file: Optional[Path] = typer.Option(None, "--points-file",
                                                help=escape('JSON file {"points": [[hx,hy], [tx,ty], ...]}: handle, target, '
                                                            'handle, target, ... in image pixels.')),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
-    model: str = O.MODEL,
-    vae: str = O.VAE,
     preset: str = O.PRESET,
     schedule: Optional[str] = O.SCHEDULE,
     loss: Optional[str] = O.LOSS,
@@ -59,15 +60,8 @@ def edit(
     param: List[str] = O.PARAM,
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
-    device: str = O.DEVICE,
-    dtype: str = O.DTYPE,
-    attention: str = O.ATTENTION,
-    faithful: bool = O.FAITHFUL,
-    precision: str = O.PRECISION,
-    low_memory: bool = O.LOW_MEMORY,
-    compile: bool = O.COMPILE,
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH_AUTO,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (green)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -76,6 +70,7 @@ def edit(
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = O.OUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
+    load: LoadOptions = None,
 ) -> None:
     """Drag the content at each handle to its target."""
     from gooddrag.core.config import resolve_config
@@ -83,10 +78,14 @@ def edit(
     from gooddrag.core.registry import default_registry
 
     reg = default_registry()
+    if load.backbone is not None:
+        reg.get("backbone", load.backbone)  # an unknown name: one line listing the backbones that exist
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
-                         model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
-                         width=width, faithful=faithful, precision=precision, low_memory=low_memory,
-                         compile=compile)
+                         load=load, lora=lora, seed=seed, width=width)
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
@@ -100,21 +99,26 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
-    from gooddrag.plugins.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
+    from gooddrag.app.outputs.files import OUTPUT_NAMES, check_output_set, output_lock
+    from gooddrag.app.outputs.gif import VIDEO_HINT, video_writer_available
 
     # a new edit replaces (or removes) every name of the output set, so none may be an input
-    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
+    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file,
+                                         "lora": None if lora in ("auto", "off") else lora})
     if mp4 and not video_writer_available():
         raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
-    O.silence_libraries()
-    from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.progress import ProgressDisplay
-    from gooddrag.plugins.outputs.trace import TraceWriter
+    # held until the command ends: a second edit into this --out stops here, before its model loads
+    ctx.with_resource(output_lock(out))
+    check_output_set(out, OUTPUT_NAMES, {})  # again, now that no other edit can change it
+    from gooddrag.app.outputs.files import clear_partials, staging, write_result_files
+    from gooddrag.app.outputs.gif import GifWriter
 
-    editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
-                                    faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
-                                    registry=reg)
+    O.silence_libraries(reg)
+    from gooddrag.core.editor import Editor
+    from gooddrag.app.outputs.progress import ProgressDisplay
+    from gooddrag.app.outputs.trace import TraceWriter
+
+    editor = Editor.from_pretrained(cfg.load, registry=reg)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
     removed: list[str] = []
@@ -123,10 +127,13 @@ def edit(
         gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
+        from gooddrag.core.estimate import cpu_estimate
+
+        estimate = cpu_estimate(editor.backbone, reg, cfg, inp.work_size)  # full-size model on a CPU only
+        if estimate:
+            typer.echo(estimate, err=True)
         try:
-            result = editor.edit(image, inp, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
-                                 overrides=param, lora=lora, prompt=prompt, seed=seed, width=width,
-                                 plugins=plugins)
+            result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
         finally:
             if tracer:
                 tracer.close()
@@ -174,7 +181,8 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
             row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
-                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                    parts = (comp.schedule, comp.loss, comp.tracker)
+                    row.append(" + ".join(x for x in parts if x) + "; " + json.dumps(dict(comp.params)))
                 else:
                     row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
                                or "(none)")
@@ -196,23 +204,20 @@ def _first_paragraph(doc: str) -> str:
 
 
 @app.command()
+@O.with_load_options
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (127.0.0.1: this machine only)."),
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
-    model: str = O.MODEL,
-    vae: str = O.VAE,
-    device: str = O.DEVICE,
-    dtype: str = O.DTYPE,
-    attention: str = O.ATTENTION,
-    precision: str = O.PRECISION,
-    low_memory: bool = O.LOW_MEMORY,
-    compile: bool = O.COMPILE,
     preset: str = O.PRESET,
     lora: str = O.LORA,
     width: int = O.WIDTH,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
+    lora_dir: List[Path] = typer.Option([], "--lora-dir", help="A folder the page's LoRA path may read from "
+                                        "(repeatable; no other path is read)."),
+    max_upload_mb: float = typer.Option(25, "--max-upload-mb", help="Largest upload the server accepts, in MB."),
+    load: LoadOptions = None,
 ) -> None:
     """Interactive drag editor in the browser (needs the extra gooddrag[ui])."""
     from gooddrag.app.ui import default_out, launch, require_gradio
@@ -220,17 +225,17 @@ def ui(
     from gooddrag.core.registry import default_registry
 
     require_gradio()
-    resolve_config(default_registry(), preset=preset, model=model, vae=vae, lora=lora, device=device, dtype=dtype,
-                   attention=attention, width=width, precision=precision,
-                   low_memory=low_memory, compile=compile)  # bad options fail here, in one line, before serving
-    O.silence_libraries()
+    reg = default_registry()
+    resolve_config(reg, preset=preset, load=load, lora=lora, width=width)  # bad options fail here, before serving
+    O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings
 
-    settings = UiSettings(model=model, vae=vae, device=device, dtype=dtype, attention=attention, width=width,
-                          precision=precision, low_memory=low_memory, compile=compile,
-                          lora=lora, preset=preset, out=out or default_out(), samples=samples)
-    typer.echo(f"gooddrag ui: http://{host}:{port} (model {model}, loaded on the first edit; Ctrl-C stops)")
-    launch(settings, host=host, port=port, quiet=True)
+    if not max_upload_mb > 0:
+        raise BadInputError(f"--max-upload-mb {max_upload_mb:g}: give a size above 0, e.g. 25")
+    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples,
+                          lora_dirs=lora_dir)
+    typer.echo(f"gooddrag ui: http://{host}:{port} (model {load.model}, loaded on the first edit; Ctrl-C stops)")
+    launch(settings, host=host, port=port, quiet=True, max_upload_mb=max_upload_mb)
 
 
 from gooddrag.app.bench.commands import bench, score  # noqa: E402  (their options live with them)
@@ -289,6 +294,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         typer.echo(f"error: {exc}", err=True)
         return 2
+    except OSError as exc:  # disk full, file too large, read-only, ...: the file and the cause, in one line
+        if debug or not exc.strerror:
+            raise
+        where = f"cannot write {exc.filename}: " if exc.filename and exc.errno in _write_errnos() else (
+            f"{exc.filename}: " if exc.filename else "")
+        typer.echo(f"error: {where}{exc.strerror}", err=True)
+        return 1
     except Exception as exc:
         if debug:
             raise
@@ -298,6 +310,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return exc.exit_code
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         return 1
+
+
+def _write_errnos() -> set[int]:
+    from gooddrag.app.outputs.files import WRITE_ERRNOS
+
+    return WRITE_ERRNOS
 
 
 def run() -> None:

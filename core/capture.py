@@ -95,7 +95,7 @@ class GradientStep:
         """Per-drag constants of the loss (where its patches lie), outside the captured step."""
         prepare = getattr(self.ctx.loss, "prepare", None)
         if prepare is not None:
-            prepare(self.ctx, t, self.ctx.points)
+            prepare(self.ctx, t)
 
     def __call__(self, t: int, ahead: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
         """One step at timestep t -> (LossParts detached, features detached). ``ahead``: a forward pass
@@ -105,6 +105,9 @@ class GradientStep:
             try:
                 with torch._dynamo.config.patch(trace_autograd_ops=True):
                     parts, raw = self._compiled(t)
+                passes = getattr(self.ctx.backbone, "passes", None)
+                if passes is not None:  # the counting autograd node stays out of the captured graph
+                    passes.backward += 1
                 return parts, _wrap(raw, self.ctx, self.z)
             except Exception as exc:
                 if not _is_compile_error(self.ctx.backbone, exc):
@@ -117,8 +120,8 @@ class GradientStep:
 
     def _step(self, t: int, ahead: tuple[Any, Any] | None = None) -> tuple[Any, torch.Tensor]:
         ctx, z = self.ctx, self.z
-        eps, feats = ahead if ahead is not None else ctx.forward(z, t, for_loss=True)
-        parts = ctx.loss(ctx, z, t, feats, eps, ctx.points)
+        eps, feats = ahead if ahead is not None else ctx.forward(z, t, for_loss=True)  # may be the tracking pass
+        parts = ctx.loss(ctx, z, t, feats, eps)
         if self.reference:
             self.opt.zero_grad(set_to_none=True)
             parts.total.backward()

@@ -10,7 +10,7 @@ import attrs
 import torch
 from attrs.validators import ge, le
 
-from gooddrag.core.engine import DragContext, LossParts, Points
+from gooddrag.core.engine import DragContext, LossParts
 from gooddrag.core.geometry import MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, Patches, motion_steps
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
@@ -41,21 +41,21 @@ class PatchFollowing:
         self.weight = float((2 * params.patch_radius + 1) ** 2)  # 9 for r=1
         self._drag: tuple | None = None  # (handles, patches at them, moved patches, weights), once per drag
 
-    def prepare(self, ctx: DragContext, t: int, points: Points) -> None:
+    def prepare(self, ctx: DragContext, t: int) -> None:
         """What stays fixed for a whole drag, worked out once per drag (the handles move only when
         tracked): where the current and the moved patches lie, which pairs count."""
-        P = self.params
+        P, points = self.params, ctx.points
         like = ctx.reference.features(t)  # a map of the feature grid (where patches lie, not values)
         step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
         self._drag = (points.handles, Patches(like, points.handles, P.patch_radius, bilinear=False),
                       Patches(like, points.handles + step, P.patch_radius, bilinear=True),
                       self.weight * (dist >= P.skip_distance))  # weights (N,)
 
-    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor, eps: torch.Tensor,
-                 points: Points) -> LossParts:
+    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
+                 eps: torch.Tensor | None) -> LossParts:
         P = self.params
-        if not torch.compiler.is_compiling() and (self._drag is None or self._drag[0] is not points.handles):
-            self.prepare(ctx, t, points)  # a captured step is prepared by its caller
+        if not torch.compiler.is_compiling() and (self._drag is None or self._drag[0] is not ctx.points.handles):
+            self.prepare(ctx, t)  # a captured step is prepared by its caller
         _, here, moved, weights = self._drag
         target = here.read(feats.detach()).float()  # (N, C, k, k) current patches at the handles
         moving = moved.read(feats).float()

@@ -16,6 +16,7 @@ from gooddrag.core.capture import GradientStep
 from gooddrag.core.engine import DragContext, Outcome, diverged
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
+from gooddrag.core.warp import apply_warp
 
 
 class AlDD:
@@ -35,6 +36,7 @@ class AlDD:
         patience: int = p(10, "stop after this many drags in a row with no point moving (0 = never)", ge(0))
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off, as the public code)", ge(0), finite)
         fresh_tracking: bool = p(False, "track on a fresh forward pass, not on the last gradient step's (one step stale, as the official code)")
+        warp_start: bool = p(False, "start from the closed-form warp of the inverted latent (the warp schedule's move): the drags refine it")
 
     def __init__(self, params: "AlDD.Params"):
         self.params = params
@@ -42,33 +44,32 @@ class AlDD:
     def drag_indices(self, start: int, num_steps: int) -> list[int]:
         return list(range(start, min(start + self.params.drag_timesteps, num_steps)))
 
+    def drag_passes(self, start: int, num_steps: int) -> tuple[int, int, int]:
+        """At most (forwards, forward+backwards, next index): per drag timestep a tracking pass and a
+        denoising pass (plus one per drag with fresh tracking) and B x J gradient steps."""
+        P, k = self.params, len(self.drag_indices(start, num_steps))
+        return k * (2 + (P.drags_per_timestep if P.fresh_tracking else 0)), \
+            k * P.drags_per_timestep * P.steps_per_drag, start + k
+
     def run(self, ctx: DragContext) -> Outcome:
         P, pts, ev = self.params, ctx.points, ctx.events
-        z = ctx.z_start
+        z = apply_warp(ctx) if P.warp_start else ctx.z_start  # warped: handles start where the warp put them
         stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset between timesteps, as the official code)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
-        step = GradientStep(ctx, P.lr)  # the latent and Adam live in its buffers
-        # device flags not read yet: [moved at the last drag, latent finite after the last denoising]; the
-        # host reads them with the next stop check, in the one sync of that drag
+        step = GradientStep(ctx, P.lr)  # the latent (1, 4, h, w) fp32 and Adam live in its buffers
+        # device flags not read yet: [moved at the last drag, latent finite after the last denoising];
+        # the host reads them with the next stop check, in the one sync of that drag
         pending: list[torch.Tensor] = []
         pending_t = None
         for k in range(indices[0], indices[-1] + 1):
             t = ctx.timesteps[k]
             if k not in indices:  # a subclass may drag on some timesteps only: just denoise the others
-                with torch.no_grad():
-                    z = ctx.backbone.ddim_step(z, ctx.forward(z, t)[0], t)
+                z = ctx.denoise(z, t)
                 continue
             step.start(z)  # a fresh Adam on this timestep's latent
             ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
-            ahead = None  # the first gradient step's pass, when it doubles as the tracking pass
-            if ctx.reuse_forward and not step.captured:  # same z and t: one pass serves the tracking and the first step
-                ahead = ctx.forward(step.z, t, for_loss=True)
-                feats = ahead[1].detach()
-            else:
-                with torch.no_grad():
-                    _, feats = ctx.forward(step.z, t)
-            pts.handles = ctx.tracker.track(ref_vectors, feats, pts.handles)
+            pts.handles = ctx.tracker.track(ref_vectors, ctx.tracking_features(step.z, t), pts.handles)
             ev.tracked(t, 0, pts.handles)
             flags = self._read(pts, pending)  # the one host sync before this timestep's first drag
             stalled = self._account(flags, stalled, pending_t)
@@ -78,8 +79,7 @@ class AlDD:
                 if stop:
                     break
                 for _ in range(P.steps_per_drag):
-                    parts, feats = step(t, ahead)
-                    ahead = None
+                    parts, feats = step(t)
                     ev.step(t, b, steps, parts)
                     steps += 1
                     if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
@@ -101,10 +101,7 @@ class AlDD:
                     stalled = self._account(flags, stalled, None)
                 else:  # the last drag of the timestep: read with the next timestep's first check
                     pending = [moved_any]
-            z = step.z.detach()
-            with torch.no_grad():
-                eps, _ = ctx.forward(z, t)
-                z = ctx.backbone.ddim_step(z, eps, t)
+            z = ctx.denoise(step.z, t)
             finite = torch.isfinite(z).all()
             if stop:
                 reason = stop
@@ -120,7 +117,7 @@ class AlDD:
         return torch.stack([reached, *pending]).tolist()
 
     def _account(self, flags: list[bool], stalled: int, finite_t: int | None) -> int:
-        """Apply the flags read with the reached check: stalled count, divergence of the last denoising."""
+        """Apply the flags read with the reached check: the stalled count, the last denoising's finiteness."""
         rest = flags[1:]
         if finite_t is not None:
             if not rest[-1]:

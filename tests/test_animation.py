@@ -10,8 +10,9 @@ from PIL import Image
 from gooddrag.core.editor import Editor
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.inputs import prepare_input
-from gooddrag.plugins.outputs.files import to_pil
-from gooddrag.plugins.outputs.gif import CURRENT, HANDLE, TARGET, GifWriter, video_writer_available
+from gooddrag.app.outputs.files import to_pil
+from gooddrag.app.outputs.draw import CURRENT, HANDLE, TARGET
+from gooddrag.app.outputs.gif import GifWriter, video_writer_available
 from gooddrag.testing.toy import ToyBackbone
 
 W = 128
@@ -40,9 +41,10 @@ def animated():
     backbone = ToyBackbone()
     inp = prepare_input(blob_on_grey(), [(HANDLE_XY, TARGET_XY)], width=W)
     gif, rec = GifWriter(backbone, inp), Recorder()
-    result = Editor(backbone).edit(inp.image, inp, lora="off", width=W, plugins=[gif, rec],
-                                   overrides=["schedule.drag_timesteps=2", "schedule.drags_per_timestep=3",
-                                              "schedule.patience=0"])
+    editor = Editor(backbone)
+    cfg = editor.config(lora="off", width=W, overrides=["schedule.drag_timesteps=2", "schedule.drags_per_timestep=3",
+                                                         "schedule.patience=0"])
+    result = editor.run(inp, cfg, plugins=[gif, rec])
     return backbone, inp, gif, rec, result
 
 

@@ -14,13 +14,14 @@ from PIL import Image
 
 from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
-from gooddrag.core.config import STRATEGY_KINDS, resolve_config
+from gooddrag.app.ui.security import check_lora_path
+from gooddrag.core.config import LORA_PATH_FIELDS, STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.errors import GoodDragError
+from gooddrag.core.hookspecs import PHASES
 from gooddrag.core.inputs import prepare_input
 from gooddrag.core.registry import Registry
 
-PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 LORA_MODES = ["auto", "off", "path"]
 MASK_COLOR = "rgba(34, 197, 94, 0.55)"  # translucent: the image stays visible under the brushed region
 IMAGE_HEIGHT = 380
@@ -30,25 +31,14 @@ IMAGE_HEIGHT = 380
 class UiSettings:
     """What `gooddrag ui` was started with: the model (loaded once), defaults and folders."""
 
-    model: str
-    vae: str = "auto"
-    device: str = "auto"
-    dtype: str = "fp32"
-    attention: str = "auto"
-    precision: str = "auto"
-    low_memory: bool = False
-    compile: bool = False
+    load: LoadOptions  # the editor pool's key
     width: int = 512
     lora: str = "auto"
     preset: str = "gooddrag"
     out: Path = attrs.field(converter=Path)
     samples: Path = attrs.field(converter=Path)
-
-    def key(self) -> dict[str, Any]:
-        """The load options (EditorPool's key)."""
-        return dict(vae=self.vae, device=self.device, dtype=self.dtype, attention=self.attention,
-                    precision=self.precision, low_memory=self.low_memory,
-                    compile=self.compile)
+    #: the only folders the LoRA path field may read (app/ui/security.py), besides the --lora given at start
+    lora_dirs: tuple[Path, ...] = attrs.field(default=(), converter=lambda v: tuple(Path(x) for x in v))
 
 
 def _doc(comp: Any) -> str:
@@ -74,7 +64,7 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
     preset0 = registry.get("preset", settings.preset)
 
     with gr.Blocks(title="gooddrag", analytics_enabled=False) as page:
-        gr.Markdown(f"## gooddrag: drag editing\nModel `{settings.model}` on `{settings.device}` ({settings.dtype}). "
+        gr.Markdown(f"## gooddrag: drag editing\nModel `{settings.load.model}` on `{settings.load.device}` ({settings.load.dtype}). "
                     "1. upload an image and (optionally) brush the region that may change; 2. click a handle, "
                     "then its target (repeat for more pairs); 3. Run.")
         image_state = gr.State(None)  # the input image (PIL RGB) at its original size
@@ -244,29 +234,32 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                     i += len(pc.controls)
                     if chosen[kind] == name:
                         overrides[kind] = pc.overrides(list(vals))
-                overrides["lora"] = lora_pc.overrides(list(values[i:]))
+                # the page sends every LoRA control: pass on only those that apply, so the log stays quiet
+                overrides["lora"] = {k: v for k, v in lora_pc.overrides(list(values[i:])).items()
+                                     if mode == "auto" or (mode == "path" and k in LORA_PATH_FIELDS)}
                 lora = (path or "").strip() if mode == "path" else mode
                 if mode == "path" and not lora:
                     raise work.BadInputError("LoRA 'path' is selected but no path is given; type one or pick auto/off")
-                options = dict(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
-                               lora=lora, prompt=prompt_ or "", seed=int(seed_ or 0), width=int(width_ or 0))
-                resolve_config(registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
-                               overrides=overrides, lora=lora, seed=options["seed"], width=options["width"],
-                               **settings.key())  # every config error before the model loads
+                if mode == "path":
+                    lora = check_lora_path(lora, [*settings.lora_dirs, *([settings.lora] if settings.lora not in
+                                                                         ("auto", "off") else [])])
+                cfg = resolve_config(registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
+                                     overrides=overrides, load=settings.load, lora=lora, seed=int(seed_ or 0),
+                                     width=int(width_ or 0))  # every config error before the model loads
             except GoodDragError as exc:
                 raise gr.Error(work.one_line(exc), print_exception=False) from None
             session = getattr(request, "session_hash", None) or "local"
             cancel = cancels[session] = threading.Event()
-            if not pool.loaded(settings.model, **settings.key()):
+            if not pool.loaded(settings.load):
                 progress(0.0, desc="loading the model (once per server)")
-                yield {status: f"Loading `{settings.model}` (once per server)..."}
+                yield {status: f"Loading `{settings.load.model}` (once per server)..."}
             try:
-                editor_ = pool.get(settings.model, **settings.key())
+                editor_ = pool.get(settings.load)
             except Exception as exc:
                 raise gr.Error(work.one_line(exc), print_exception=False) from None
             yield {status: "Editing...", result_view: None, files: None}
             done = 0
-            for ev in work.run_edit(editor_, inp, options, cancel, previews=bool(previews_)):
+            for ev in work.run_edit(editor_, inp, cfg, prompt_ or "", cancel, previews=bool(previews_)):
                 if ev[0] == "phase" and ev[2] == "start":
                     done = PHASES.index(ev[1]) if ev[1] in PHASES else done
                     label = "LoRA: training or loading the cached one" if ev[1] == "lora" else ev[1]
@@ -278,10 +271,10 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                 elif ev[0] == "error":
                     raise gr.Error(work.one_line(ev[1]), print_exception=False)
                 elif ev[0] == "done":
-                    result, frames = ev[1], ev[2]
+                    result, animation = ev[1], ev[2]
                     result.report["input"] = {"image": "uploaded in gooddrag ui",
                                               "mask": "brushed" if inp.mask is not None else None, "points": points}
-                    paths = work.write_outputs(work.new_run_dir(settings.out), inp, result, frames)
+                    paths = work.write_outputs(work.new_run_dir(settings.out), inp, result, animation)
                     r = result.report
                     yield {result_view: work.draw_clicks(result.image, [p for pair in inp.pairs for p in pair],
                                                          finals=result.points),
@@ -295,7 +288,7 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
             run, [image_state, points_state, editor, preset_dd, *pickers.values(), lora_mode, lora_path, width, seed,
                   prompt, previews, *all_controls],
             [status, result_view, compare, result_state, files],
-            show_progress_on=[status], concurrency_limit=1, concurrency_id=f"edit-{settings.device}",
+            show_progress_on=[status], concurrency_limit=1, concurrency_id=f"edit-{settings.load.device}",
             api_visibility="private")
 
         def on_cancel(request: gr.Request = None):
