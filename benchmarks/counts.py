@@ -78,9 +78,29 @@ class PhaseCounts:
             self.counter.paused = paused
 
         self._handle = register_optimizer_step_post_hook(after_step)
+        # the fast path's steps do not go through torch.optim: mark the end of each of their calls too
+        from gooddrag.core.capture import GradientStep
+        from gooddrag.plugins.backbones.lora import LoraTrainer
+
+        self._patched = []
+        for cls, name, label in ((GradientStep, "__call__", "Adam"), (LoraTrainer, "step", "AdamW")):
+            orig = getattr(cls, name)
+
+            def marked(*a, _orig=orig, _label=label, **k):
+                out = _orig(*a, **k)
+                paused, self.counter.paused = self.counter.paused, True
+                if not self.steps or self.steps[-1][1] != self.counter.snapshot():
+                    self.steps.append((_label, self.counter.snapshot()))
+                self.counter.paused = paused
+                return out
+
+            setattr(cls, name, marked)
+            self._patched.append((cls, name, orig))
 
     def close(self) -> None:
         self._handle.remove()
+        for cls, name, orig in self._patched:
+            setattr(cls, name, orig)
 
     def per_step(self, optimizer: str) -> dict | None:
         """Dispatches between the first and second steps of ``optimizer`` (one steady-state step)."""
