@@ -83,14 +83,13 @@ class PhaseCounts:
         from gooddrag.plugins.backbones.lora import LoraTrainer
 
         self._patched = []
-        for cls, name, label in ((GradientStep, "__call__", "Adam"), (LoraTrainer, "step", "AdamW")):
+        for cls, name, label in ((GradientStep, "__call__", "GradientStep"), (LoraTrainer, "step", "LoraTrainer")):
             orig = getattr(cls, name)
 
             def marked(*a, _orig=orig, _label=label, **k):
                 out = _orig(*a, **k)
                 paused, self.counter.paused = self.counter.paused, True
-                if not self.steps or self.steps[-1][1] != self.counter.snapshot():
-                    self.steps.append((_label, self.counter.snapshot()))
+                self.steps.append((_label, self.counter.snapshot()))
                 self.counter.paused = paused
                 return out
 
@@ -125,7 +124,8 @@ def count_edit(editor: Any, image: Any, pairs: Any, mask: Any, overrides: list[s
     rep = r.report
     drags = max(1, rep["drags"])
     drag = probe.phases.get("drag", {})
-    return {"gradient_step": probe.per_step("Adam"), "lora_step": probe.per_step("AdamW"),
+    return {"gradient_step": probe.per_step("GradientStep") or probe.per_step("Adam"),
+            "lora_step": probe.per_step("LoraTrainer") or probe.per_step("AdamW"),
             "phases": probe.phases, "edit_ops": c.total, "edit_launching_ops": c.launching, "edit_host_syncs": c.syncs,
             "drags": rep["drags"], "gradient_steps": rep["gradient_steps"],
             "drag_phase_syncs_per_drag": round(drag.get("host_syncs", 0) / drags, 3),
