@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from gooddrag.core.errors import ConfigError, GoodDragWarning
+from gooddrag.core.errors import ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
-from gooddrag.core.params import build_params, params_to_dict
+from gooddrag.core.params import build_params, params_to_dict, parse_assignments
 from gooddrag.core.registry import Registry
 
 #: compute precision of the UNet passes that dominate an edit (LoRA training, reference, drag);
@@ -29,7 +29,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
 OVERRIDE_KINDS = STRATEGY_KINDS + ("lora", "backbone")  # what a kind.field=value override may name
-#: the backbone used for any model that is not itself a registered backbone name (hub id, folder, file)
+#: the backbone whose parameters ``backbone.*`` overrides check when the model cannot be read before loading
 DEFAULT_BACKBONE = "stable-diffusion"
 #: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
 LORA_PATH_FIELDS = ("fuse",)
@@ -76,6 +76,10 @@ class LoadOptions:
                                    "results; for GPUs with about 6 GB).", "--low-memory")
     compile: bool = _opt(False, "torch.compile the UNet's transformer blocks (the first edit of each size compiles, "
                                 "later ones run faster; a compile error falls back to eager).")
+    backbone: str | None = _opt(None, "Backbone by name (see `gooddrag plugins`); by default the one that claims the "
+                                      "model's files (model_index.json's pipeline class, a file's tensor names).")
+    model_config: str | None = _opt(None, "For a single-file .safetensors/.ckpt model: the local diffusers folder of "
+                                          "its base model, whose configs it loads with (offline).", "--model-config")
 
     def check(self) -> "LoadOptions":
         """One-line ConfigError for a value no backbone could load with (before anything loads)."""
@@ -141,15 +145,11 @@ class EditConfig:
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, str]]:
     """``["loss.lam=0.1", ...]`` -> ``{"loss": {"lam": "0.1"}}``; one-line errors for bad syntax."""
-    out: dict[str, dict[str, str]] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        kind, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field or not kind:
-            raise ConfigError(f"bad override {item!r}; write it as kind.field=value, e.g. loss.lam=0.1")
+    out = parse_assignments(overrides, "override", "kind.field=value, e.g. loss.lam=0.1")
+    for kind in out:
         if kind not in OVERRIDE_KINDS:
+            item = next(o for o in overrides if o.strip().startswith(f"{kind}."))
             raise ConfigError(f"bad override {item!r}: unknown kind {kind!r}; use one of {', '.join(OVERRIDE_KINDS)}")
-        out.setdefault(kind, {})[field] = value.strip()
     return out
 
 
@@ -219,7 +219,7 @@ def resolve_config(
         why = ("the LoRA is off" if "lora" in needs else f"schedule {chosen['schedule']!r} uses no LoRA") \
             if mode == "off" else "a trained LoRA is loaded from a path"
         notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
-    bcomp = _backbone_component(registry, backbone, load.model)
+    bcomp = _backbone_component(registry, backbone or load.backbone, load.model, load.model_config)
     if bcomp is None:
         if given.get("backbone"):
             raise ConfigError(f"backbone {backbone!r} is not registered, so backbone.* overrides cannot be checked")
@@ -250,12 +250,19 @@ def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_p
                                   else "default")
 
 
-def _backbone_component(registry: Registry, backbone: str | type | None, model: str) -> type | None:
+def _backbone_component(registry: Registry, backbone: str | type | None, model: str,
+                        config: str | None = None) -> type | None:
     """The backbone class for ``backbone`` (class or name), else the one ``model`` selects."""
     if isinstance(backbone, type):
         return backbone
-    name = backbone or (model if model in registry.names("backbone") else DEFAULT_BACKBONE)
-    return registry.get("backbone", name) if name in registry.names("backbone") else None
+    if backbone is None:
+        from gooddrag.core.backbone import select_backbone
+
+        try:  # the backbone that claims the model's files (read, not loaded)
+            return select_backbone(registry, model, config=config)[0]
+        except GoodDragError:  # a model that cannot be read here: loading says why, in one line
+            backbone = DEFAULT_BACKBONE
+    return registry.get("backbone", backbone) if backbone in registry.names("backbone") else None
 
 
 class _LoraSettings:
@@ -271,8 +278,8 @@ def _check_edit(lora: str, seed: Any, width: Any) -> None:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:

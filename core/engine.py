@@ -193,6 +193,12 @@ class DragContext:
         with torch.no_grad():
             return self.forward(z, t)[1]
 
+    def denoise(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """One plain DDIM step of z from t to the next timestep (no gradient): (1, 4, h, w)."""
+        with torch.no_grad():
+            z = z.detach()
+            return self.backbone.ddim_step(z, self.forward(z, t)[0], t)
+
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
         latent predicted from ``z`` at t. Costs one UNet pass, and only when a plugin listens."""
@@ -379,7 +385,7 @@ class Strategies:
         needs = schedule_needs(type(schedule))
         raw_loss = registry.get("loss", cfg.loss)(cfg.loss_params) if "loss" in needs else None
         raw_tracker = registry.get("tracker", cfg.tracker)(cfg.tracker_params) if "tracker" in needs else None
-        fast = frozenset() if cfg.load.faithful else frozenset(getattr(b, "fast_paths", ()))
+        fast = frozenset() if cfg.load.faithful else frozenset(b.fast_paths)
         return cls(schedule=schedule, needs=needs,
                    loss=None if raw_loss is None else CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
                    tracker=None if raw_tracker is None else CheckedTracker(raw_tracker, cfg.tracker,
@@ -404,11 +410,12 @@ class Strategies:
 
 def compute_dtype(b: Any, cfg: Any) -> torch.dtype | None:
     """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
+    mixed = b.supports_mixed  # the contract's flag: mixed(), compute_dtype, unet_parameters()
     compute = resolve_precision(cfg.load.precision, b.device, b.dtype, cfg.load.faithful,
-                                getattr(b, "unet_parameters", lambda: 0)())
-    if not hasattr(b, "mixed"):
+                                b.unet_parameters() if mixed else 0)
+    if not mixed:
         if compute is not None and cfg.load.precision != "auto":
-            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+            raise ConfigError(f"backbone {b.name!r} has no mixed precision; "
                               "use precision fp32 (or auto)")
         return None
     b.compute_dtype = compute

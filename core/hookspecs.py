@@ -19,6 +19,9 @@ PROJECT = "gooddrag"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: the phases of an edit, in order, as ``gooddrag_phase`` names them (core/engine.run_edit)
+PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
+
 
 # --- registration hooks ------------------------------------------------------------------------
 
@@ -27,10 +30,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def gooddrag_register_schedules() -> list[type]:
     """Called once at start-up. Return drag schedule classes.
 
-    A schedule has ``Params`` and ``run(ctx) -> Outcome``: it decides at which timesteps to drag,
-    how many optimisation steps, when to track points and when to stop (see core/engine.py).
-    It also exposes ``drag_indices(start, num_steps)`` so the engine can invert to the right timestep
-    and cache the reference trajectory it will need.
+    A schedule has ``Params`` (with ``num_inference_steps`` and ``inversion_strength``: the engine
+    inverts to ``core.ddim.start_index(num_inference_steps, inversion_strength)``),
+    ``drag_indices(start, num_steps) -> list[int]`` (the timestep indices it drags on, so the engine
+    caches the reference trajectory over them) and ``run(ctx: DragContext) -> Outcome``: it decides
+    how many optimisation steps, when to track points and when to stop, denoises its own drag
+    timesteps, and returns the latent and the index the engine's finish starts from.
 
     A class attribute ``needs`` (a frozenset, a subset of ``{"lora", "loss", "tracker", "reference"}``)
     says what the engine must build before ``run``; a schedule without it gets all four. For what is
@@ -44,7 +49,9 @@ def gooddrag_register_schedules() -> list[type]:
 def gooddrag_register_losses() -> list[type]:
     """Called once at start-up. Return motion-supervision loss classes.
 
-    A loss has ``Params`` and ``__call__(ctx, z, t, feats, eps, points) -> LossParts``.
+    A loss has ``Params`` and ``__call__(ctx, z, t, feats, eps) -> LossParts`` (the points are
+    ``ctx.points``). Optional: ``uses_eps(ctx) -> bool`` (False lets the backbone stop the UNet after
+    the feature block, and eps is None) and ``reads_patches = True`` (feats may be a lazy FeatureMap).
     """
 
 
@@ -61,7 +68,8 @@ def gooddrag_register_backbones() -> list[type]:
     """Called once at start-up. Return backbone classes (a diffusion model adapter).
 
     A backbone has ``Params`` and a classmethod ``load(model, *, vae, device, dtype, attention)``
-    returning an object with encode/decode/eps_and_features/ddim_step/mutual_attention.
+    returning the loaded model adapter the engine calls (encode, decode, eps, eps_and_features,
+    sampler, ddim_step, invert, eps_mutual, use_lora, set_prompt; docs/architecture.md).
     """
 
 
@@ -118,8 +126,8 @@ def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
 
 @hookspec
 def gooddrag_phase(name: str, status: str) -> None:
-    """Called when a phase (``lora``, ``inversion``, ``reference``, ``drag``, ``finish``,
-    ``decode``) starts (status ``start``) or ends (status ``end``)."""
+    """Called when a phase (one of ``PHASES``: ``lora``, ``inversion``, ``reference``, ``drag``,
+    ``finish``, ``decode``) starts (status ``start``) or ends (status ``end``)."""
 
 
 @hookspec

@@ -59,8 +59,7 @@ class AlDD:
         for k in range(indices[0], indices[-1] + 1):
             t = ctx.timesteps[k]
             if k not in indices:  # a subclass may drag on some timesteps only: just denoise the others
-                with torch.no_grad():
-                    z = ctx.backbone.ddim_step(z, ctx.forward(z, t)[0], t)
+                z = ctx.denoise(z, t)
                 continue
             z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
             opt = make_optimizer(z, P.lr)
@@ -74,7 +73,7 @@ class AlDD:
                     break
                 for _ in range(P.steps_per_drag):
                     eps, feats = ctx.forward(z, t, for_loss=True)
-                    parts = ctx.loss(ctx, z, t, feats, eps, pts)
+                    parts = ctx.loss(ctx, z, t, feats, eps)
                     opt.zero_grad(set_to_none=True)
                     parts.total.backward()
                     opt.step()
@@ -94,10 +93,7 @@ class AlDD:
                 ctx.preview(t, b, z)
                 if stop:
                     break
-            z = z.detach()
-            with torch.no_grad():
-                eps, _ = ctx.forward(z, t)
-                z = ctx.backbone.ddim_step(z, eps, t)
+            z = ctx.denoise(z, t)
             ctx.check_finite(z, t)
             if stop:
                 reason = stop

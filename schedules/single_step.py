@@ -55,7 +55,7 @@ class SingleStep:
             if pts.reached(P.reach_distance):
                 reason = "reached"
                 break
-            parts = ctx.loss(ctx, z, t, feats, eps, pts)
+            parts = ctx.loss(ctx, z, t, feats, eps)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()

@@ -15,15 +15,17 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core.backbone import Backbone
 from gooddrag.core.ddim import DDIM
 from gooddrag.core.engine import UNetPasses
 
 
-class ToyBackbone:
+class ToyBackbone(Backbone):
     """Features = latent (upsampled); eps = 0; no attention, no LoRA."""
 
     name = "toy"
     feature_scale = 4
+    default_width = 512
     fast_paths = frozenset({"patch_features", "features_only"})
 
     @attrs.frozen(kw_only=True)
@@ -36,6 +38,7 @@ class ToyBackbone:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self._ddim: DDIM | None = None
         self.calls = 0  # UNet-equivalent forward passes
+        self.params = self.Params()
         self.passes = UNetPasses()  # the same, with the backward passes through them
 
     def sampler(self, num_steps: int) -> DDIM:

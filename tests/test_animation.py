@@ -10,8 +10,9 @@ from PIL import Image
 from gooddrag.core.editor import Editor
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.inputs import prepare_input
-from gooddrag.plugins.outputs.files import to_pil
-from gooddrag.plugins.outputs.gif import CURRENT, HANDLE, TARGET, GifWriter, video_writer_available
+from gooddrag.app.outputs.files import to_pil
+from gooddrag.app.outputs.draw import CURRENT, HANDLE, TARGET
+from gooddrag.app.outputs.gif import GifWriter, video_writer_available
 from gooddrag.testing.toy import ToyBackbone
 
 W = 128

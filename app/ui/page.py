@@ -17,10 +17,10 @@ from gooddrag.app.ui.controls import ParamControls
 from gooddrag.core.config import STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.errors import GoodDragError
+from gooddrag.core.hookspecs import PHASES
 from gooddrag.core.inputs import prepare_input
 from gooddrag.core.registry import Registry
 
-PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 LORA_MODES = ["auto", "off", "path"]
 MASK_COLOR = "rgba(34, 197, 94, 0.55)"  # translucent: the image stays visible under the brushed region
 IMAGE_HEIGHT = 380
@@ -263,10 +263,10 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                 elif ev[0] == "error":
                     raise gr.Error(work.one_line(ev[1]), print_exception=False)
                 elif ev[0] == "done":
-                    result, frames = ev[1], ev[2]
+                    result, animation = ev[1], ev[2]
                     result.report["input"] = {"image": "uploaded in gooddrag ui",
                                               "mask": "brushed" if inp.mask is not None else None, "points": points}
-                    paths = work.write_outputs(work.new_run_dir(settings.out), inp, result, frames)
+                    paths = work.write_outputs(work.new_run_dir(settings.out), inp, result, animation)
                     r = result.report
                     yield {result_view: work.draw_clicks(result.image, [p for pair in inp.pairs for p in pair],
                                                          finals=result.points),
