@@ -82,6 +82,25 @@ def test_backbone_is_chosen_from_the_model_files():
     assert select_backbone(reg, str(tiny_sdxl_pipeline_dir()), "stable-diffusion")[0].name == "stable-diffusion"
 
 
+def test_what_is_read_before_loading():
+    """The model's own configs say its pipeline, prediction type and width; claims read them."""
+    from gooddrag.core.backbone import model_width
+
+    reg = default_registry()
+    files = read_model(str(tiny_sd2_pipeline_dir()))
+    assert (files.source, files.pipeline_class, files.prediction_type) == ("folder", "StableDiffusionPipeline",
+                                                                           "v_prediction")
+    assert files.sample_width(512) == 64 == model_width(reg, str(tiny_sd2_pipeline_dir()))  # sample size 8 x 8
+    assert model_width(reg, "tiny-random") == 512
+    sd, sdxl = reg.get("backbone", "stable-diffusion"), reg.get("backbone", "stable-diffusion-xl")
+    real_sd21 = ModelFiles("x", "hub", "StableDiffusionPipeline", unet={"sample_size": 96},
+                           vae={"block_out_channels": [128, 256, 512, 512]})
+    assert sd.claims(real_sd21) and not sdxl.claims(real_sd21) and real_sd21.sample_width(512) == 768
+    inpaint = ModelFiles("x", "hub", "StableDiffusionPipeline", unet={"in_channels": 9})
+    refiner = ModelFiles("x", "hub", "StableDiffusionXLImg2ImgPipeline")
+    assert not any(cls.claims(f) for cls in (sd, sdxl) for f in (inpaint, refiner))
+
+
 def _configs_only(tmp_path: Path, source: Path, changes: dict) -> Path:
     """A model folder with the configs of ``source`` (no weights), edited."""
     out = tmp_path / "model"
