@@ -42,7 +42,7 @@ def _annotation(field: Any) -> Any:
     return Optional[str] if field.default is None else type(field.default)
 
 
-PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star.")
+PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star, instant, instant-refine (see gooddrag plugins).")
 SCHEDULE = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's).")
 LOSS = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's).")
 TRACKER = typer.Option(None, "--tracker", help="Point tracker (default: the preset's).")

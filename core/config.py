@@ -34,6 +34,9 @@ DEFAULT_BACKBONE = "stable-diffusion"
 #: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
 LORA_PATH_FIELDS = ("fuse",)
 DEVICES_HELP = "auto, cpu, cuda or cuda:<index>"
+#: what the engine can build for a schedule before it runs: the per-image LoRA, the loss, the tracker and
+#: the reference trajectory over the drag window; a schedule's ``needs`` names the ones it uses
+SCHEDULE_NEEDS = frozenset({"lora", "loss", "tracker", "reference"})
 
 
 @attrs.frozen(kw_only=True)
@@ -43,8 +46,8 @@ class Preset:
     name: str
     doc: str
     schedule: str
-    loss: str
-    tracker: str
+    loss: str | None = None  # None: the schedule needs no loss (its ``needs``)
+    tracker: str | None = None
     params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
 
@@ -104,8 +107,8 @@ class EditConfig:
 
     preset: str
     schedule: str
-    loss: str
-    tracker: str
+    loss: str | None  # None when the schedule needs none (then its params are None too)
+    tracker: str | None
     schedule_params: Any
     loss_params: Any
     tracker_params: Any
@@ -175,7 +178,20 @@ def resolve_config(
     resolved: dict[str, Any] = {}
     sources: dict[str, str] = {}
     notes: list[str] = []
+    needs = schedule_needs(registry.get("schedule", chosen["schedule"]))
     for kind in STRATEGY_KINDS:
+        if kind != "schedule" and kind not in needs:  # the schedule uses none: build none, say so if one was asked for
+            asked = [f"--{kind} {chosen[kind]}"] if {"loss": loss, "tracker": tracker}[kind] else []
+            asked += [f"{kind}.{k}" for k in given.get(kind, {})]
+            if asked:
+                notes.append(f"{', '.join(asked)} {'has' if len(asked) == 1 else 'have'} no effect: schedule "
+                             f"{chosen['schedule']!r} uses no {kind}")
+            chosen[kind], resolved[f"{kind}_params"] = None, None
+            sources[kind] = f"not used by schedule {chosen['schedule']}"
+            continue
+        if chosen[kind] is None:
+            raise ConfigError(f"schedule {chosen['schedule']!r} needs a {kind} and preset {preset!r} names none; "
+                              f"choose one with --{kind} NAME (see gooddrag plugins)")
         comp = registry.get(kind, chosen[kind])
         own = chosen[kind] == getattr(pre, kind)
         sources[kind] = f"preset {preset}" if own else "chosen"
@@ -194,9 +210,14 @@ def resolve_config(
     resolved["lora_params"] = built = build_params("lora", _LoraSettings, {**lora_preset, **lora_given})
     _sources(sources, "lora", built, lora_given, lora_preset, preset)
     mode = lora
+    if "lora" not in needs:
+        if mode not in ("auto", "off"):
+            notes.append(f"lora {mode} has no effect: schedule {chosen['schedule']!r} uses no LoRA")
+        lora = mode = "off"
     idle = [k for k in lora_given if mode == "off" or (mode != "auto" and k not in LORA_PATH_FIELDS)]
     if idle:
-        why = "the LoRA is off" if mode == "off" else "a trained LoRA is loaded from a path"
+        why = ("the LoRA is off" if "lora" in needs else f"schedule {chosen['schedule']!r} uses no LoRA") \
+            if mode == "off" else "a trained LoRA is loaded from a path"
         notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
     bcomp = _backbone_component(registry, backbone or load.backbone, load.model, load.model_config)
     if bcomp is None:
@@ -210,6 +231,17 @@ def resolve_config(
         warnings.warn(note, GoodDragWarning, stacklevel=2)
     return EditConfig(preset=preset, **chosen, **resolved, load=load, lora=lora, seed=seed, width=width,
                       sources=sources, notes=tuple(notes))
+
+
+def schedule_needs(component: type) -> frozenset[str]:
+    """What the engine builds for a schedule (its ``needs``; see SCHEDULE_NEEDS). A schedule that does
+    not say needs everything, as the built-in optimising schedules do."""
+    needs = getattr(component, "needs", SCHEDULE_NEEDS)
+    unknown = set(needs) - SCHEDULE_NEEDS
+    if unknown:
+        raise ConfigError(f"schedule {getattr(component, 'name', component)!r} needs {sorted(unknown)}, which the "
+                          f"engine does not know; use a subset of {sorted(SCHEDULE_NEEDS)}")
+    return frozenset(needs)
 
 
 def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_preset: Mapping, preset: str) -> None:
@@ -246,8 +278,8 @@ def _check_edit(lora: str, seed: Any, width: Any) -> None:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:

@@ -134,6 +134,12 @@ class Editor:
         """Run one edit of a validated input with a resolved config (``core.engine.run_edit``).
 
         Edits on one Editor run one at a time (a second thread waits for the first)."""
+        if plugins is None or isinstance(plugins, (str, bytes, dict)) or not hasattr(plugins, "__iter__"):
+            raise ConfigError(f"plugins is {plugins!r}; give a list of hook objects (e.g. [TraceWriter(path)]), "
+                              "or () for none")
+        plugins = list(plugins)
+        if any(p is None for p in plugins):
+            raise ConfigError("plugins holds None; give a list of hook objects, or () for none")
         if cfg.load not in (self.requested, self.load):
             raise ConfigError(f"this config was resolved for model {cfg.load.model!r} with other load options than "
                               f"this Editor's ({self.load.model!r}); resolve it with editor.config(...) or load an "

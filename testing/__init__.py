@@ -116,7 +116,7 @@ def check_loss(cls: type) -> None:
     t = ctx.timesteps[ctx.start_index]
     z = ctx.z_start.clone().requires_grad_(True)
     eps, feats = ctx.forward(z, t)
-    parts = loss(ctx, z, t, feats, eps, ctx.points)
+    parts = loss(ctx, z, t, feats, eps)
     what = f"loss {cls.name!r}"
     expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", describe(parts))
     for field in ("total", "motion", "preserve"):
@@ -150,7 +150,7 @@ def check_schedule(cls: type) -> None:
            describe(out.latent))
     expect(out.next_index in ctx.reference.latents, f"{what} Outcome.next_index",
            f"a reference index in {sorted(ctx.reference.latents)} (start .. last drag + 1)", out.next_index)
-    reasons = {"reached", "patience", "schedule_end", "loss_threshold"}
+    reasons = {"reached", "patience", "schedule_end", "loss_threshold", "warped"}
     expect(out.reason in reasons, f"{what} Outcome.reason", f"one of {sorted(reasons)}", repr(out.reason))
 
 

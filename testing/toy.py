@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gooddrag.core.backbone import Backbone
 from gooddrag.core.ddim import DDIM
+from gooddrag.core.engine import UNetPasses
 
 
 class ToyBackbone(Backbone):
@@ -38,6 +39,7 @@ class ToyBackbone(Backbone):
         self._ddim: DDIM | None = None
         self.calls = 0  # UNet-equivalent forward passes
         self.params = self.Params()
+        self.passes = UNetPasses()  # the same, with the backward passes through them
 
     def sampler(self, num_steps: int) -> DDIM:
         if self._ddim is None or self._ddim.num_steps != num_steps:
@@ -61,13 +63,16 @@ class ToyBackbone(Backbone):
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         self.calls += 1
+        self.passes.forward += 1
         return torch.zeros_like(z)
 
     def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True, need_eps: bool = True):
+        z = self.passes.counted(z)  # a backward through this pass is counted
         if need_eps:
             eps = self.eps(z, t) + 0 * z  # keeps the graph: features and eps both depend on z
         else:
             eps, self.calls = None, self.calls + 1
+            self.passes.forward += 1
         return eps, (self.upsample_features(z, z.shape[-2:]) if upsample else z)
 
     def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:

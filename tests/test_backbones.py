@@ -280,17 +280,22 @@ def test_lora_trains_on_the_models_conditioning_and_target(which, sd2_editor, sd
     assert again.report["lora"].startswith("cached") and again.image.tobytes() == first.image.tobytes()
 
 
-@pytest.mark.parametrize("preset", ["gooddrag", "dragdiffusion"])
+SHORT = {"gooddrag": ["schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"],
+         "dragdiffusion": ["schedule.steps=2"], "instant": [],
+         "instant-refine": ["schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"]}
+
+
+@pytest.mark.parametrize("preset", list(SHORT))
 def test_cli_edits_the_tiny_sdxl_and_sd2_end_to_end(preset, img, tmp_path, capsys):
+    """Every preset (schedules, losses, trackers, the warp) runs unchanged on both backbones, chosen
+    from the model folder's files with no flag."""
     from gooddrag.app import cli
 
     for name, folder in (("sdxl", tiny_sdxl_pipeline_dir()), ("sd2", tiny_sd2_pipeline_dir())):
         out = tmp_path / name
         code = cli.main(["edit", str(img), "--points", "8,8:30,20", "--model", str(folder), "--preset", preset,
                          "--lora", "off", "--width", "32", "-p", "schedule.num_inference_steps=10",
-                         *(["-p", "schedule.steps=2"] if preset == "dragdiffusion" else
-                           ["-p", "schedule.drag_timesteps=1", "-p", "schedule.drags_per_timestep=1"]),
-                         "--out", str(out)])
+                         *[x for kv in SHORT[preset] for x in ("-p", kv)], "--out", str(out)])
         assert code == 0, capsys.readouterr().err
         run = json.loads((out / "run.json").read_text())
         assert run["config"]["model"] == str(folder) and (out / "result.png").is_file()

@@ -21,6 +21,7 @@ from gooddrag.core.backbone import ModelFiles
 from gooddrag.core.config import DEFAULT_MODEL
 from gooddrag.core.ddim import DDIM, check_prediction_type
 from gooddrag.core.devices import DTYPES, resolve_device
+from gooddrag.core.engine import UNetPasses
 from gooddrag.core.errors import BadInputError, GoodDragWarning, ModelNotFoundError, RequirementError
 from gooddrag.core.params import p
 from gooddrag.plugins.backbones.attention import MutualSelfAttention
@@ -89,6 +90,7 @@ class StableDiffusionBackbone:
         self.low_memory = False  # VAE and text encoder parked in host memory between their calls
         self.park = PARK
         self.compiled = False  # the UNet's transformer blocks run through torch.compile
+        self.passes = UNetPasses()  # UNet forward/backward passes so far (the run report's unet_passes)
         self._feature_hook = self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
@@ -218,17 +220,25 @@ class StableDiffusionBackbone:
             tb = tb.tb_next
         return False
 
-    def run_unet(self, *args: Any, **kwargs: Any) -> Any:
-        """``unet(*args, **kwargs)``; with compiled blocks, a compile error in the forward pass falls back
-        to eager and the pass runs again (a pass changes no state; its autograd graph is dropped). A
-        compile error in a backward pass reaches the Editor, which falls back and redoes the edit."""
+    def run_unet(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``unet(x, *args, **kwargs)``, counted in ``passes``; with compiled blocks, a compile error in
+        the forward pass falls back to eager and the pass runs again (a pass changes no state; its
+        autograd graph is dropped). A compile error in a backward pass reaches the Editor, which falls
+        back and redoes the edit."""
+        self.passes.forward += 1
+        into_input = x.requires_grad  # a drag step: count the backward at the input
+        x = self.passes.counted(x)
         if not self.compiled:
-            return self.unet(*args, **kwargs)
-        try:
-            return self.unet(*args, **kwargs)
-        except _compile_errors() as exc:
-            self.fall_back_to_eager(exc)
-            return self.unet(*args, **kwargs)
+            out = self.unet(x, *args, **kwargs)
+        else:
+            try:
+                out = self.unet(x, *args, **kwargs)
+            except _compile_errors() as exc:
+                self.fall_back_to_eager(exc)
+                out = self.unet(x, *args, **kwargs)
+        if not into_input and isinstance(out, tuple):  # LoRA training: the gradient stops at the weights
+            out = (self.passes.counted(out[0]), *out[1:])
+        return out
 
     @contextlib.contextmanager
     def mixed(self) -> Iterator[None]:
