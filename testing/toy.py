@@ -47,12 +47,13 @@ class ToyBackbone(Backbone):
         return self._ddim
 
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        return self._ddim.step(z, eps, t)
+        return (self._ddim or self.sampler(50)).step(z, eps, t)
 
     def invert(self, z0: torch.Tensor, start: int) -> torch.Tensor:
         z = z0
-        for t in reversed(self._ddim.timesteps[start:]):
-            z = self._ddim.invert_step(z, self.eps(z, t), t)
+        ddim = self._ddim or self.sampler(50)
+        for t in reversed(ddim.timesteps[start:]):
+            z = ddim.invert_step(z, self.eps(z, t), t)
         return z
 
     def set_prompt(self, prompt: str) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from gooddrag.core.errors import BadInputError, ConfigError
 from gooddrag.core.registry import default_registry
 from gooddrag.core.samples import MalformedSample
-from gooddrag.app.bench.run import open_dataset, select_samples
+from gooddrag.app.bench.selection import open_dataset, select_samples
 from gooddrag.plugins.datasets.drag100 import Drag100, content_class
 from gooddrag.plugins.datasets.dragbench import DragBench, safe_load_pickle
 

@@ -353,7 +353,7 @@ def test_an_os_error_while_writing_is_one_line_and_keeps_the_old_set(tmp_path, c
 
 
 def test_bench_shards_with_different_counts_on_one_out_are_refused(tmp_path):
-    from gooddrag.app.bench.run import lock_out
+    from gooddrag.app.bench.lock import lock_out
 
     out = tmp_path / "out"
     out.mkdir()

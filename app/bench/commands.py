@@ -94,7 +94,7 @@ def score(
     baseline: bool = typer.Option(False, "--baseline", help=BASELINE_HELP),
 ) -> None:
     """Score a folder of results (any method) against a benchmark; missing results are counted."""
-    from gooddrag.app.bench.run import run_score
+    from gooddrag.app.bench.score import run_score
 
     O.silence_libraries(default_registry())
     ids = [i.strip() for i in (samples or "").split(",") if i.strip()]
