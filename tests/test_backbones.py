@@ -333,3 +333,20 @@ def test_single_file_without_a_config_offline_says_what_is_missing(tmp_path):
         Editor.from_pretrained(str(file), device="cpu")
     msg = str(exc.value)
     assert "\n" not in msg and "no configs" in msg and "--model-config" in msg and "finetune.safetensors" in msg
+
+
+def test_sdxl_vae_stays_fp32_in_fp16_unless_it_can_take_it(tmp_path):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): with fp16 weights it runs in
+    fp32, the UNet and the text encoders in fp16; a VAE without force_upcast (what the fp16-fix VAE
+    is) stays in fp16."""
+    folder = tiny_sdxl_pipeline_dir()
+    b = Editor.from_pretrained(str(folder), device="cpu", dtype="fp16").backbone
+    assert (b.unet.dtype, b.vae.dtype, b.text_encoders[1].dtype) == (torch.float16, torch.float32, torch.float16)
+    z = b.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert z.dtype == torch.float32 and b.decode(z).shape == (1, 3, 64, 64)
+    fixed = tmp_path / "vae"
+    shutil.copytree(folder / "vae", fixed)
+    cfg = json.loads((fixed / "config.json").read_text())
+    (fixed / "config.json").write_text(json.dumps({**cfg, "force_upcast": False}))
+    b = Editor.from_pretrained(str(folder), device="cpu", dtype="fp16", vae=str(fixed)).backbone
+    assert b.vae.dtype == torch.float16 and b.vae_id == str(fixed)
