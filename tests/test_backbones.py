@@ -291,7 +291,8 @@ def test_cli_edits_the_tiny_sdxl_and_sd2_end_to_end(preset, img, tmp_path, capsy
     from the model folder's files with no flag."""
     from gooddrag.app import cli
 
-    for name, folder in (("sdxl", tiny_sdxl_pipeline_dir()), ("sd2", tiny_sd2_pipeline_dir())):
+    for name, folder, backbone in (("sdxl", tiny_sdxl_pipeline_dir(), "stable-diffusion-xl"),
+                                   ("sd2", tiny_sd2_pipeline_dir(), "stable-diffusion")):
         out = tmp_path / name
         code = cli.main(["edit", str(img), "--points", "8,8:30,20", "--model", str(folder), "--preset", preset,
                          "--lora", "off", "--width", "32", "-p", "schedule.num_inference_steps=10",
@@ -299,7 +300,7 @@ def test_cli_edits_the_tiny_sdxl_and_sd2_end_to_end(preset, img, tmp_path, capsy
         assert code == 0, capsys.readouterr().err
         run = json.loads((out / "run.json").read_text())
         assert run["config"]["model"] == str(folder) and (out / "result.png").is_file()
-        assert run["config"]["preset"] == preset
+        assert run["config"]["preset"] == preset and run["config"]["backbone"] == backbone  # no --backbone
 
 
 # --- single-file checkpoints ---------------------------------------------------------------------------
