@@ -61,7 +61,7 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: Optional[int] = O.WIDTH_AUTO,
+    width: Optional[int] = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (green)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -210,7 +210,7 @@ def ui(
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
     preset: str = O.PRESET,
     lora: str = O.LORA,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
@@ -223,6 +223,10 @@ def ui(
 
     require_gradio()
     reg = default_registry()
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     resolve_config(reg, preset=preset, load=load, lora=lora, width=width)  # bad options fail here, before serving
     O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings
