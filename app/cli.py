@@ -214,6 +214,9 @@ def ui(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
+    lora_dir: List[Path] = typer.Option([], "--lora-dir", help="A folder the page's LoRA path may read from "
+                                        "(repeatable; no other path is read)."),
+    max_upload_mb: float = typer.Option(25, "--max-upload-mb", help="Largest upload the server accepts, in MB."),
     load: LoadOptions = None,
 ) -> None:
     """Interactive drag editor in the browser (needs the extra gooddrag[ui])."""
@@ -231,9 +234,12 @@ def ui(
     O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings
 
-    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples)
+    if not max_upload_mb > 0:
+        raise BadInputError(f"--max-upload-mb {max_upload_mb:g}: give a size above 0, e.g. 25")
+    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples,
+                          lora_dirs=lora_dir)
     typer.echo(f"gooddrag ui: http://{host}:{port} (model {load.model}, loaded on the first edit; Ctrl-C stops)")
-    launch(settings, host=host, port=port, quiet=True)
+    launch(settings, host=host, port=port, quiet=True, max_upload_mb=max_upload_mb)
 
 
 from gooddrag.app.bench.commands import bench, score  # noqa: E402  (their options live with them)
