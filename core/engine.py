@@ -297,9 +297,9 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
     # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
     s = Strategies.build(registry, cfg, b)
     compute = compute_dtype(b, cfg)
-    # autocasts the UNet passes only; a schedule with no reference and no loss makes no pass to autocast,
-    # so its weights are not split (splitting and joining SD1.5's UNet costs seconds on a CPU)
-    mixed = b.mixed if compute is not None and {"reference", "loss"} & s.needs else contextlib.nullcontext
+    if not {"lora", "reference", "loss"} & s.needs:  # no LoRA, reference or drag pass: nothing autocasts,
+        compute = None  # and the weights are not split (splitting SD1.5's UNet costs seconds on a CPU)
+    mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
     torch.manual_seed(cfg.seed)
     b.set_prompt(prompt)
     image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
