@@ -292,7 +292,7 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
     """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step."""
     b, hook = backbone, registry.pm.hook
     events = Events(hook)
-    timer = PhaseTimer(b.device, events, getattr(b, "passes", None))
+    timer = PhaseTimer(b.device, events, b.passes)  # the contract's optional counter (None: not counted)
     hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
     # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
     s = Strategies.build(registry, cfg, b)

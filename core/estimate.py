@@ -92,7 +92,7 @@ def cpu_estimate(backbone: Any, registry: Any, cfg: EditConfig, work_size: tuple
     needs = schedule_needs(schedule)
     if backbone.device.type != "cpu" or not ({"lora", "loss"} & needs):
         return None
-    if getattr(backbone, "unet_parameters", lambda: 0)() < FULL_SIZE_PARAMETERS:
+    if not backbone.supports_mixed or backbone.unet_parameters() < FULL_SIZE_PARAMETERS:
         return None
     instant = resolve_config(registry, preset="instant", load=cfg.load, seed=cfg.seed, width=cfg.width)
     pass_s = time_one_forward(backbone, work_size)

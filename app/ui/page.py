@@ -14,7 +14,8 @@ from PIL import Image
 
 from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
-from gooddrag.core.config import STRATEGY_KINDS, LoadOptions, resolve_config
+from gooddrag.app.ui.security import check_lora_path
+from gooddrag.core.config import LORA_PATH_FIELDS, STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.errors import GoodDragError
 from gooddrag.core.hookspecs import PHASES
@@ -36,6 +37,8 @@ class UiSettings:
     preset: str = "gooddrag"
     out: Path = attrs.field(converter=Path)
     samples: Path = attrs.field(converter=Path)
+    #: the only folders the LoRA path field may read (app/ui/security.py), besides the --lora given at start
+    lora_dirs: tuple[Path, ...] = attrs.field(default=(), converter=lambda v: tuple(Path(x) for x in v))
 
 
 def _doc(comp: Any) -> str:
@@ -231,10 +234,15 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool) 
                     i += len(pc.controls)
                     if chosen[kind] == name:
                         overrides[kind] = pc.overrides(list(vals))
-                overrides["lora"] = lora_pc.overrides(list(values[i:]))
+                # the page sends every LoRA control: pass on only those that apply, so the log stays quiet
+                overrides["lora"] = {k: v for k, v in lora_pc.overrides(list(values[i:])).items()
+                                     if mode == "auto" or (mode == "path" and k in LORA_PATH_FIELDS)}
                 lora = (path or "").strip() if mode == "path" else mode
                 if mode == "path" and not lora:
                     raise work.BadInputError("LoRA 'path' is selected but no path is given; type one or pick auto/off")
+                if mode == "path":
+                    lora = check_lora_path(lora, [*settings.lora_dirs, *([settings.lora] if settings.lora not in
+                                                                         ("auto", "off") else [])])
                 cfg = resolve_config(registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
                                      overrides=overrides, load=settings.load, lora=lora, seed=int(seed_ or 0),
                                      width=int(width_ or 0))  # every config error before the model loads
