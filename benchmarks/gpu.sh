@@ -17,3 +17,6 @@ python -m pip install --no-deps --no-build-isolation -e . >/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python benchmarks/speed.py --device cuda --presets gooddrag,dragdiffusion \
     --variants faithful,default,default-fp32,low-memory,default-compile --out "${1:-gpu-speed.json}"
+# what the same code asks of the backend (dispatches, host syncs, graph breaks of the captured steps),
+# counted on this machine too (deterministic; `default-compile` above is the captured step in CUDA graphs)
+python benchmarks/counts.py --skip-sd15 --out "${1:-gpu-speed.json}.counts.json"

@@ -46,13 +46,14 @@ class DDIM:
     def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, num_train_timesteps: int = 1000,
                  steps_offset: int = 1, prediction_type: str = "epsilon"):
         self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self._alphas: list[float] = self.alphas_cumprod.tolist()  # plain floats: a step reads no tensor
         self.num_steps = num_steps
         self.stride = num_train_timesteps // num_steps
         self.timesteps = ddim_timesteps(num_steps, num_train_timesteps, steps_offset)
         self.prediction_type = check_prediction_type(prediction_type)
 
     def alpha(self, t: int) -> float:
-        return float(self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0])
+        return self._alphas[t if t >= 0 else 0]
 
     def split(self, z: torch.Tensor, pred: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) of a latent z at noise level a (alphas_cumprod) from the model's prediction."""

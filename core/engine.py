@@ -17,7 +17,7 @@ scalar stop checks the schedule needs.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import attrs
 import torch
@@ -31,9 +31,9 @@ from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 from gooddrag.core.report import PhaseTimer, device_name, peak_mb, versions
 
 
-@attrs.frozen
-class LossParts:
-    """A loss value and its two parts (0-d tensors on the device)."""
+class LossParts(NamedTuple):
+    """A loss value and its two parts (0-d tensors on the device). A NamedTuple, so a captured step
+    (torch.compile) can build and return it."""
 
     total: torch.Tensor
     motion: torch.Tensor
@@ -65,6 +65,9 @@ class Outcome:
     reason: str  # reached | patience | schedule_end | loss_threshold | warped (moved in closed form, not tracked)
     drags: int = 0
     steps: int = 0
+    #: (0-d bool device tensor: the latent is finite, the timestep that made it), not read yet: the
+    #: engine reads it with its own final check, so the drag loop needs no host sync for it
+    finite: tuple[torch.Tensor, int] | None = None
 
 
 class Reference:
@@ -161,6 +164,8 @@ class DragContext:
     mask_is_empty: bool
     events: Events
     #: fast paths, all exact (same result up to float rounding); off on the faithful path
+    fast_step: bool = False  # gradient step on device buffers (LatentAdam, no host reads); off: torch.optim.Adam
+    capture: bool = False  # the gradient step runs through torch.compile whole (--compile on CUDA)
     patch_features: bool = False  # features as a FeatureMap: upsampled only where read
     reuse_forward: bool = False  # the first gradient step of a timestep reuses the tracking forward
     features_only: bool = False  # the loss reads no eps: gradient-step passes stop after the feature block
@@ -210,11 +215,11 @@ class DragContext:
         self.events.preview(t, drag, z, x0, self.points.handles)
 
     def check_finite(self, z: torch.Tensor, t: int) -> None:
-        """Stop when the latent holds NaN/inf after dragging at timestep t (one host sync, once per
-        drag timestep): a diverged drag would otherwise decode to a black image reported as success."""
+        """Stop when the latent holds NaN/inf after dragging at timestep t (one host sync): a diverged
+        drag would otherwise decode to a black image reported as success. The built-in schedules
+        read this flag together with their stop checks instead (see ``Outcome.finite``)."""
         if not bool(torch.isfinite(z).all()):
-            raise DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
-                                "lower schedule.lr or the loss weights (e.g. loss.lam)")
+            raise diverged(t)
 
     def preservation(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """sum |(DDIM_t(z, eps) - z0_{t-1}) * (1 - M)| over latent elements (0-d); 0 without a mask."""
@@ -222,6 +227,12 @@ class DragContext:
             return z.new_zeros(())
         z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+def diverged(t: int) -> DivergedError:
+    """The error for a latent that became NaN/inf while dragging at timestep t."""
+    return DivergedError(f"the latent became NaN/inf while dragging at timestep {t}: the drag diverged; "
+                         "lower schedule.lr or the loss weights (e.g. loss.lam)")
 
 
 class UNetPasses:
@@ -236,8 +247,8 @@ class UNetPasses:
     def counted(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (a pass's input, or its output when the input takes no gradient), marked so that a
         backward pass through it is counted; unchanged without autograd."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _CountBackward.apply(x, self)
+        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+            return _CountBackward.apply(x, self)  # (a captured step counts its backward pass itself)
         return x
 
     def snapshot(self) -> tuple[int, int]:
@@ -263,8 +274,8 @@ def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: boo
     read (``lazy``; the grid is ``feature_scale`` times the latent (h, w)), or the dense upsampled map."""
     if lazy:
         s = backbone.feature_scale
-        return FeatureMap(lowres, (s * int(latent_hw[0]), s * int(latent_hw[1])))
-    return backbone.upsample_features(lowres, latent_hw)
+        return FeatureMap(lowres, (s * int(latent_hw[0]), s * int(latent_hw[1])))  # read in fp32, patch by patch
+    return backbone.upsample_features(lowres.float(), latent_hw)
 
 
 def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:
@@ -376,6 +387,8 @@ class Strategies:
     fast: frozenset
     patch_features: bool  # losses and trackers read patches from a FeatureMap
     reuse_forward: bool  # the first gradient step of a timestep reuses the tracking pass (off when faithful)
+    fast_step: bool = False  # the gradient step on device buffers, no host reads (off when faithful)
+    capture: bool = False  # the gradient step compiled whole (--compile on CUDA, not faithful)
 
     @classmethod
     def build(cls, registry: Any, cfg: Any, b: Any) -> "Strategies":
@@ -390,7 +403,9 @@ class Strategies:
                    loss=None if raw_loss is None else CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
                    tracker=None if raw_tracker is None else CheckedTracker(raw_tracker, cfg.tracker,
                                                                            registry.owner("tracker", cfg.tracker)),
-                   raw_loss=raw_loss, fast=fast, reuse_forward=not cfg.load.faithful,
+                   raw_loss=raw_loss, fast=fast, fast_step=not cfg.load.faithful,
+                   capture=bool(cfg.load.compile) and b.device.type == "cuda" and not cfg.load.faithful,
+                   reuse_forward=not cfg.load.faithful,
                    patch_features="patch_features" in fast and all(getattr(c, "reads_patches", False)
                                                                    for c in (raw_loss, raw_tracker) if c is not None))
 
@@ -402,7 +417,8 @@ class Strategies:
                           loss=self.loss, tracker=self.tracker, points=Points(handles.clone(), handles.clone(), targets),
                           mask=None if mask is None else mask.to(b.device), events=events,
                           mask_is_empty=mask is not None and not bool(mask.any()),
-                          patch_features=self.patch_features, reuse_forward=self.reuse_forward)
+                          patch_features=self.patch_features, fast_step=self.fast_step, capture=self.capture,
+                          reuse_forward=self.reuse_forward and not self.capture)  # a captured step makes its own pass
         uses_eps = getattr(self.raw_loss, "uses_eps", None)
         ctx.features_only = "features_only" in self.fast and uses_eps is not None and not uses_eps(ctx)
         return ctx
@@ -442,7 +458,12 @@ def finish(b: Any, ddim: Any, ref: Reference, out: Outcome) -> torch.Tensor:
             t = ddim.timesteps[k]
             eps_ref, eps = b.eps_mutual(z_ref, z, t)
             z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
-    if not bool(torch.isfinite(z).all()):
+    # the drag's last latent (Outcome.finite, not read yet) and the finished one, in one host sync
+    drag_ok = out.finite[0] if out.finite is not None else torch.ones((), dtype=torch.bool, device=z.device)
+    drag_finite, finish_finite = torch.stack([drag_ok, torch.isfinite(z).all()]).tolist()
+    if not drag_finite:
+        raise diverged(out.finite[1])
+    if not finish_finite:
         raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
                             "or try dtype fp32")
     return z

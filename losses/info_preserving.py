@@ -13,8 +13,7 @@ import torch
 from attrs.validators import ge, le
 
 from gooddrag.core.engine import DragContext, LossParts
-from gooddrag.core.geometry import (MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, crop_patches, motion_steps,
-                                    sample_patches)
+from gooddrag.core.geometry import MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, Patches, crop_patches, motion_steps
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 
@@ -46,18 +45,31 @@ class InfoPreserving:
         self.params = params
         self.weight = float((2 * params.patch_radius) ** 2)  # 64 for r1=4: the public code's weight
         self._target: tuple[torch.Tensor, torch.Tensor] | None = None  # (F0_t, its patches at p_i0)
+        self._drag: tuple[torch.Tensor, Patches, torch.Tensor] | None = None  # (handles, moved patches, weights)
+
+    def prepare(self, ctx: DragContext, t: int) -> None:
+        """What stays fixed for a whole drag, worked out once per drag (the handles move only when
+        tracked): the motion steps, where the moved patches lie, which pairs count; and once per
+        timestep the reference patches at the original handles."""
+        P, points = self.params, ctx.points
+        ref = ctx.reference.features(t)  # (1, C, H/2, W/2), the same object for the whole timestep
+        if self._target is None or self._target[0] is not ref:
+            self._target = (ref, crop_patches(ref, points.handles0, P.patch_radius).float())
+        step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
+        moved = Patches(ref, points.handles + step, P.patch_radius, bilinear=True)
+        self._drag = (points.handles, moved, self.weight * (dist >= P.skip_distance))  # weights (N,)
 
     def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
                  eps: torch.Tensor | None) -> LossParts:
-        P, points = self.params, ctx.points
-        step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
-        ref = ctx.reference.features(t)  # (1, C, H/2, W/2), the same tensor for the whole timestep
-        if self._target is None or self._target[0] is not ref:  # crop once per timestep, not per step
-            self._target = (ref, crop_patches(ref, points.handles0, P.patch_radius).float())
+        P = self.params
+        if not torch.compiler.is_compiling() and (  # a captured step is prepared by its caller
+                self._drag is None or self._drag[0] is not ctx.points.handles
+                or self._target[0] is not ctx.reference.features(t)):
+            self.prepare(ctx, t)
+        _, moved, weights = self._drag
         target = self._target[1]  # (N, C, k, k) reference patches at the original handles
-        moving = sample_patches(feats, points.handles + step, P.patch_radius).float()  # (N, C, k, k)
-        terms = self.weight * (target - moving).abs().mean(dim=(1, 2, 3))  # (N,)
-        motion = (terms * (dist >= P.skip_distance)).sum()
+        moving = moved.read(feats).float()  # (N, C, k, k)
+        motion = ((target - moving).abs().mean(dim=(1, 2, 3)) * weights).sum()
         preserve = ctx.preservation(z, eps, t) if P.lam else z.new_zeros(())
         return LossParts(motion + P.lam * preserve, motion, preserve)
 

@@ -11,8 +11,7 @@ import torch
 from attrs.validators import ge, le
 
 from gooddrag.core.engine import DragContext, LossParts
-from gooddrag.core.geometry import (MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, crop_patches, motion_steps,
-                                    sample_patches)
+from gooddrag.core.geometry import MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, Patches, motion_steps
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 
@@ -40,16 +39,27 @@ class PatchFollowing:
     def __init__(self, params: "PatchFollowing.Params"):
         self.params = params
         self.weight = float((2 * params.patch_radius + 1) ** 2)  # 9 for r=1
+        self._drag: tuple | None = None  # (handles, patches at them, moved patches, weights), once per drag
+
+    def prepare(self, ctx: DragContext, t: int) -> None:
+        """What stays fixed for a whole drag, worked out once per drag (the handles move only when
+        tracked): where the current and the moved patches lie, which pairs count."""
+        P, points = self.params, ctx.points
+        like = ctx.reference.features(t)  # a map of the feature grid (where patches lie, not values)
+        step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
+        self._drag = (points.handles, Patches(like, points.handles, P.patch_radius, bilinear=False),
+                      Patches(like, points.handles + step, P.patch_radius, bilinear=True),
+                      self.weight * (dist >= P.skip_distance))  # weights (N,)
 
     def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
                  eps: torch.Tensor | None) -> LossParts:
-        P, points = self.params, ctx.points
-        feats = feats.float()
-        step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
-        target = crop_patches(feats.detach(), points.handles, P.patch_radius)  # (N, C, k, k)
-        moving = sample_patches(feats, points.handles + step, P.patch_radius)
-        terms = self.weight * (target - moving).abs().mean(dim=(1, 2, 3))  # (N,)
-        motion = (terms * (dist >= P.skip_distance)).sum()
+        P = self.params
+        if not torch.compiler.is_compiling() and (self._drag is None or self._drag[0] is not ctx.points.handles):
+            self.prepare(ctx, t)  # a captured step is prepared by its caller
+        _, here, moved, weights = self._drag
+        target = here.read(feats.detach()).float()  # (N, C, k, k) current patches at the handles
+        moving = moved.read(feats).float()
+        motion = ((target - moving).abs().mean(dim=(1, 2, 3)) * weights).sum()
         use_mask = P.lam and not ctx.mask_is_empty  # DragDiffusion skips the term for an empty mask
         preserve = ctx.preservation(z, eps, t) if use_mask else z.new_zeros(())
         return LossParts(motion + P.lam * preserve, motion, preserve)

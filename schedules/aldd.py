@@ -12,7 +12,8 @@ import attrs
 import torch
 from attrs.validators import ge, gt, le
 
-from gooddrag.core.engine import DragContext, Outcome, make_optimizer
+from gooddrag.core.capture import GradientStep
+from gooddrag.core.engine import DragContext, Outcome, diverged
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 from gooddrag.core.warp import apply_warp
@@ -56,54 +57,78 @@ class AlDD:
         stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset between timesteps, as the official code)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
+        step = GradientStep(ctx, P.lr)  # the latent (1, 4, h, w) fp32 and Adam live in its buffers
+        # device flags not read yet: [moved at the last drag, latent finite after the last denoising];
+        # the host reads them with the next stop check, in the one sync of that drag
+        pending: list[torch.Tensor] = []
+        pending_t = None
         for k in range(indices[0], indices[-1] + 1):
             t = ctx.timesteps[k]
             if k not in indices:  # a subclass may drag on some timesteps only: just denoise the others
                 z = ctx.denoise(z, t)
                 continue
-            z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
-            opt = make_optimizer(z, P.lr)
+            step.start(z)  # a fresh Adam on this timestep's latent
             ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
-            pts.handles = ctx.tracker.track(ref_vectors, ctx.tracking_features(z, t), pts.handles)
+            pts.handles = ctx.tracker.track(ref_vectors, ctx.tracking_features(step.z, t), pts.handles)
             ev.tracked(t, 0, pts.handles)
-            stop = None
+            flags = self._read(pts, pending)  # the one host sync before this timestep's first drag
+            stalled = self._account(flags, stalled, pending_t)
+            pending, stop = [], None
             for b in range(P.drags_per_timestep):
-                stop = self._stop(pts, stalled)  # points move only when tracked: one check per drag
+                stop = self._stop(flags[0], stalled)  # points move only when tracked: one check per drag
                 if stop:
                     break
                 for _ in range(P.steps_per_drag):
-                    eps, feats = ctx.forward(z, t, for_loss=True)
-                    parts = ctx.loss(ctx, z, t, feats, eps)
-                    opt.zero_grad(set_to_none=True)
-                    parts.total.backward()
-                    opt.step()
+                    parts, feats = step(t)
                     ev.step(t, b, steps, parts)
                     steps += 1
-                    if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
+                    if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
                         stop = "loss_threshold"
                         break
                 if P.fresh_tracking:
                     with torch.no_grad():
-                        _, feats = ctx.forward(z, t)
-                moved = ctx.tracker.track(ref_vectors, feats.detach(), pts.handles)
-                stalled = 0 if bool((moved != pts.handles).any()) else stalled + 1
+                        _, feats = ctx.forward(step.z, t)
+                moved = ctx.tracker.track(ref_vectors, feats, pts.handles)
+                moved_any = (moved != pts.handles).any()
                 pts.handles = moved
                 drags += 1
                 ev.tracked(t, b + 1, pts.handles)
-                ctx.preview(t, b, z)
+                ctx.preview(t, b, step.z)
                 if stop:
                     break
-            z = ctx.denoise(z, t)
-            ctx.check_finite(z, t)
+                if b + 1 < P.drags_per_timestep:  # read now: the next drag of this timestep checks it
+                    flags = self._read(pts, [moved_any])
+                    stalled = self._account(flags, stalled, None)
+                else:  # the last drag of the timestep: read with the next timestep's first check
+                    pending = [moved_any]
+            z = ctx.denoise(step.z, t)
+            finite = torch.isfinite(z).all()
             if stop:
                 reason = stop
                 ev.stopped(t, reason)
-                return Outcome(z, k + 1, reason, drags, steps)
+                return Outcome(z, k + 1, reason, drags, steps, finite=(finite, t))
+            pending, pending_t = pending + [finite], t
         ev.stopped(ctx.timesteps[indices[-1]], reason)
-        return Outcome(z, indices[-1] + 1, reason, drags, steps)
+        return Outcome(z, indices[-1] + 1, reason, drags, steps, finite=(pending[-1], pending_t) if pending else None)
 
-    def _stop(self, pts, stalled: int) -> str | None:
-        if pts.reached(self.params.reach_distance):
+    def _read(self, pts, pending: list[torch.Tensor]) -> list[bool]:
+        """[handles all within reach, *pending flags] in one host read."""
+        reached = (pts.distances() < self.params.reach_distance).all()
+        return torch.stack([reached, *pending]).tolist()
+
+    def _account(self, flags: list[bool], stalled: int, finite_t: int | None) -> int:
+        """Apply the flags read with the reached check: the stalled count, the last denoising's finiteness."""
+        rest = flags[1:]
+        if finite_t is not None:
+            if not rest[-1]:
+                raise diverged(finite_t)
+            rest = rest[:-1]
+        for moved in rest:
+            stalled = 0 if moved else stalled + 1
+        return stalled
+
+    def _stop(self, reached: bool, stalled: int) -> str | None:
+        if reached:
             return "reached"
         if self.params.patience and stalled >= self.params.patience:
             return "patience"

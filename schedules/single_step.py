@@ -8,9 +8,11 @@ self-attention.
 from __future__ import annotations
 
 import attrs
+import torch
 from attrs.validators import ge, gt, le
 
-from gooddrag.core.engine import DragContext, Outcome, make_optimizer
+from gooddrag.core.capture import GradientStep
+from gooddrag.core.engine import DragContext, Outcome
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 
@@ -43,31 +45,28 @@ class SingleStep:
         P, pts, ev = self.params, ctx.points, ctx.events
         k = ctx.start_index
         t = ctx.timesteps[k]
-        z = ctx.z_start.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
-        opt = make_optimizer(z, P.lr)
+        step = GradientStep(ctx, P.lr)  # the latent (1, 4, h, w) fp32 and Adam live in its buffers
+        step.start(ctx.z_start)
         ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
         reason, done = "schedule_end", 0
-        for step in range(P.steps):
-            eps, feats = ctx.forward(z, t, for_loss=True)
-            if step > 0:
-                pts.handles = ctx.tracker.track(ref_vectors, feats.detach(), pts.handles)
-                ev.tracked(t, step, pts.handles)
-            if pts.reached(P.reach_distance):
+        for i in range(P.steps):
+            ahead = ctx.forward(step.z, t, for_loss=True)  # tracks, then serves the gradient step (never captured)
+            if i > 0:
+                pts.handles = ctx.tracker.track(ref_vectors, ahead[1].detach(), pts.handles)
+                ev.tracked(t, i, pts.handles)
+            if bool((pts.distances() < P.reach_distance).all()):  # the one host sync of this step
                 reason = "reached"
                 break
-            parts = ctx.loss(ctx, z, t, feats, eps)
-            opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            opt.step()
-            ev.step(t, step, step, parts)
-            ctx.preview(t, step, z)
+            parts, _ = step(t, ahead)
+            ev.step(t, i, i, parts)
+            ctx.preview(t, i, step.z)
             done += 1
-            if P.loss_threshold > 0 and float(parts.total.detach()) < P.loss_threshold:
+            if P.loss_threshold > 0 and float(parts.total) < P.loss_threshold:
                 reason = "loss_threshold"
                 break
-        ctx.check_finite(z.detach(), t)
+        z = step.z.detach()
         ev.stopped(t, reason)
-        return Outcome(z.detach(), k, reason, done, done)
+        return Outcome(z, k, reason, done, done, finite=(torch.isfinite(z).all(), t))
 
 
 @hookimpl

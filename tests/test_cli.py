@@ -280,11 +280,12 @@ def img_copy(tmp_path):
 def test_a_diverging_drag_is_an_error_and_writes_nothing(img, tmp_path, capsys, monkeypatch, schedule):
     import torch
 
+    from gooddrag.core.capture import GradientStep
     from gooddrag.schedules import aldd, single_step
 
     # what -p schedule.lr=1e30 did before lr had an upper bound
     for mod in (aldd, single_step):
-        monkeypatch.setattr(mod, "make_optimizer", lambda z, lr: torch.optim.Adam([z], lr=1e30))
+        monkeypatch.setattr(mod, "GradientStep", lambda ctx, lr: GradientStep(ctx, 1e30))
     extra = ["--schedule", schedule] + (["-p", "schedule.steps=3"] if schedule == "single-step" else [])
     code, _, err = run(["edit", img, "--points", "8,8:30,20", *(BASE if extra[1] != "aldd" else FAST), *extra,
                         "--out", tmp_path / "o"], capsys)

@@ -149,8 +149,7 @@ class PerImageLora:
         if params.fuse:
             # unfusing subtracts the update again, which is not exact in floating point: keep the
             # original weights (on the host, once per edit) so dropping the LoRA restores them bit for bit
-            self._unfused = {n: q.detach().to("cpu", copy=True) for n, q in self.unet.named_parameters()
-                             if ".base_layer." in n}
+            self._unfused = _host_backup({n: q for n, q in self.unet.named_parameters() if ".base_layer." in n})
             self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[LORA_ADAPTER])
         return status
 
@@ -186,7 +185,7 @@ class PerImageLora:
             with torch.no_grad():
                 for n, q in self.unet.named_parameters():
                     if n in self._unfused:
-                        q.copy_(self._unfused[n])
+                        q.copy_(self._unfused[n], non_blocking=True)  # from pinned memory: no host wait
             self._unfused = None
         if getattr(self.unet, "peft_config", None) and LORA_ADAPTER in self.unet.peft_config:
             self.unet.delete_adapters(LORA_ADAPTER)
@@ -228,51 +227,137 @@ class PerImageLora:
     def train(self, image: torch.Tensor, params: Any) -> None:
         """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled.
         Every random number is drawn up front, in the order the steps use them, and moved to the
-        device once: the loop itself never waits for the host."""
+        device once: the loop itself never waits for the host (see :class:`LoraTrainer`)."""
+        trainer = self.trainer(image, params)
+        b = self.backbone
+        step = trainer.step
+        if getattr(b, "compiled", False) and b.device.type == "cuda":  # --compile: each step one CUDA graph
+            from gooddrag.core.capture import compile_step
+
+            step = compile_step(trainer.step, b.device)
+        try:
+            for k in range(params.steps):
+                if step is trainer.step:
+                    trainer.step(*trainer.inputs(k))
+                    continue
+                try:
+                    with torch._dynamo.config.patch(trace_autograd_ops=True):
+                        step(*trainer.inputs(k))
+                except Exception as exc:  # a compile error: the same step, eagerly, from this one on
+                    if not b.is_compile_error(exc):
+                        raise
+                    warnings.warn(f"torch.compile of the LoRA step failed ({type(exc).__name__}); training "
+                                  "eagerly", GoodDragWarning, stacklevel=2)
+                    step = trainer.step
+                    trainer.step(*trainer.inputs(k))
+        finally:
+            trainer.close()
+
+    def trainer(self, image: torch.Tensor, params: Any) -> "LoraTrainer":
+        """Add the adapter and set up its training (see :class:`LoraTrainer`); ``close()`` ends it."""
+        return LoraTrainer(self, image, params)
+
+
+class LoraTrainer:
+    """One LoRA training run as a step function of device tensors with static shapes.
+
+    The step's inputs (posterior sample, noise, timestep) are slices of tensors drawn up front; the
+    encoded crops, the text embedding, the LoRA weights and AdamW's state (moments and a device step
+    count) are buffers updated in place. Nothing in a step reads a value back to the host, so a
+    step can be captured whole (``torch.compile``; no graph break, ``benchmarks/counts.py``)."""
+
+    def __init__(self, lora: PerImageLora, image: torch.Tensor, params: Any):
         from peft import LoraConfig
 
-        b = self.backbone
+        b = self.backbone = lora.backbone
+        self.unet, self.params = lora.unet, params
         self.unet.add_adapter(LoraConfig(r=params.rank, lora_alpha=params.rank, init_lora_weights="gaussian",
                                          target_modules=LORA_TARGETS), adapter_name=LORA_ADAPTER)
-        lora = [q for q in self.unet.parameters() if q.requires_grad]
-        for q in lora:
+        self.weights = [q for q in self.unet.parameters() if q.requires_grad]
+        for q in self.weights:
             q.data = q.data.float()
         gen = torch.Generator().manual_seed(params.seed)
         crops = _random_crops(image, params.crop, params.batch_size, gen)  # (B, 3, c, c)
         with torch.no_grad(), b.visiting(b.vae):
             dist = b.vae.encode(crops.to(b.device, b.vae.dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
-        draws = [(torch.randn(mean.shape, generator=gen), torch.randn(mean.shape, generator=gen),
-                  torch.randint(0, b.num_train_timesteps, (mean.shape[0],), generator=gen))
+            self.mean, self.std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
+        draws = [(torch.randn(self.mean.shape, generator=gen), torch.randn(self.mean.shape, generator=gen),
+                  torch.randint(0, b.num_train_timesteps, (self.mean.shape[0],), generator=gen))
                  for _ in range(params.steps)]
-        if draws:
-            posterior, noises, ts = (torch.stack(x).to(b.device) for x in zip(*draws))  # (steps, B, ...)
-        fused = b.device.type == "cuda"  # one kernel for the whole AdamW update (same algorithm)
-        opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay,
-                                **({"fused": True} if fused else {}))
-        cond = b.conditioning(crops.shape[0], mean.shape[-2:])  # the prompt (and SDXL's pooled/size inputs)
+        self.draws = [torch.stack(x).to(b.device) for x in zip(*draws)] if draws else []  # (steps, B, ...)
+        self.cond = b.conditioning(crops.shape[0], self.mean.shape[-2:])  # the prompt (and SDXL's pooled/size inputs)
         # only its alphas and prediction type: q(z_t | x0) and the training target (noise, or v)
-        ddim = DDIM(b.alphas_cumprod, 1, b.num_train_timesteps, prediction_type=b.prediction_type)
-        compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA parameters and Adam stay fp32 either way
-        checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
-        if checkpointing:
+        self.ddim = DDIM(b.alphas_cumprod, 1, b.num_train_timesteps, prediction_type=b.prediction_type)
+        self.ddim.alphas_cumprod = self.ddim.alphas_cumprod.to(b.device)  # once, not a host-to-device copy per step
+        self.compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA weights and AdamW stay fp32 either way
+        self.exp_avg = [torch.zeros_like(q) for q in self.weights]
+        self.exp_avg_sq = [torch.zeros_like(q) for q in self.weights]
+        self.count = torch.zeros((), dtype=torch.float64, device=b.device)  # AdamW's step, on the device (fp64: see LatentAdam)
+        self.checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
+        if self.checkpointing:
             self.unet.enable_gradient_checkpointing()
-        try:
-            for k in range(params.steps):
-                latents = (mean + std * posterior[k]) * b.scaling
-                noisy = ddim.add_noise(latents, noises[k], ts[k])
-                with torch.autocast(b.device.type, dtype=compute, enabled=compute != torch.float32):
-                    pred = b.run_unet(noisy.to(b.dtype), ts[k], **cond, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), ddim.target(latents, noises[k], ts[k]))  # noise, or v
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        finally:
-            if checkpointing:
-                self.unet.disable_gradient_checkpointing()
-        for q in lora:
+
+    def inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step k's posterior sample (B, 4, c/8, c/8), noise (same) and timesteps (B,): views, no copies."""
+        return self.draws[0][k], self.draws[1][k], self.draws[2][k]
+
+    def step(self, posterior: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One training step: noise prediction loss, its gradient, AdamW. Returns the loss (0-d, detached)."""
+        b = self.backbone
+        latents = (self.mean + self.std * posterior) * b.scaling
+        noisy = self.ddim.add_noise(latents, noise, t)
+        with torch.autocast(b.device.type, dtype=self.compute, enabled=self.compute != torch.float32):
+            pred = b.run_unet(noisy.to(b.dtype), t, **self.cond, return_dict=False)[0]
+        b._captured = None  # the feature hook's capture: not wanted here, and not to be kept alive
+        loss = F.mse_loss(pred.float(), self.ddim.target(latents, noise, t))  # noise, or v
+        grads = torch.autograd.grad(loss, self.weights)
+        self._adamw(list(grads))
+        return loss.detach()
+
+    @torch.no_grad()
+    def _adamw(self, grads: list[torch.Tensor]) -> None:
+        """AdamW (decoupled weight decay; torch.optim.AdamW's update, its step count on the device)
+        over all LoRA weights at once: a dozen multi-tensor ops per step."""
+        p = self.params
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.count += 1
+        torch._foreach_mul_(self.weights, 1 - p.lr * p.weight_decay)
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
+        torch._foreach_mul_(self.exp_avg_sq, b2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - b2)
+        step_size_neg = -p.lr / (1 - torch.pow(b1, self.count))  # 0-d
+        bc2_sqrt = (1 - torch.pow(b2, self.count)).sqrt()
+        n = len(self.weights)  # the 0-d factors go in as lists of tensors: a tensor scalar would be read by the host
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, [bc2_sqrt * step_size_neg] * n)
+        torch._foreach_add_(denom, [eps / step_size_neg] * n)
+        torch._foreach_addcdiv_(self.weights, self.exp_avg, denom)
+
+    def close(self) -> None:
+        """End training: the LoRA weights frozen and in the backbone's dtype."""
+        if self.checkpointing:
+            self.unet.disable_gradient_checkpointing()
+            self.checkpointing = False
+        b = self.backbone
+        for q in self.weights:
             q.requires_grad_(False)
             q.data = q.data.to(b.dtype)
+
+
+def _host_backup(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of ``weights`` in host memory. From CUDA: slices of one pinned buffer filled by
+    non-blocking copies, queued on the stream before anything changes the weights, so the host never
+    waits for them (a pageable copy per weight would stop the host 160 times)."""
+    first = next(iter(weights.values()), None)
+    if first is None or first.device.type != "cuda" or any(q.dtype != first.dtype for q in weights.values()):
+        return {n: q.detach().to("cpu", copy=True) for n, q in weights.items()}
+    out, offset = {}, 0
+    pinned = torch.empty(sum(q.numel() for q in weights.values()), dtype=first.dtype, pin_memory=True)
+    for n, q in weights.items():
+        out[n] = pinned[offset:offset + q.numel()].view(q.shape)
+        out[n].copy_(q.detach(), non_blocking=True)
+        offset += q.numel()
+    return out
 
 
 def _remove(path: Path) -> None:

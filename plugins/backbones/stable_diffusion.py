@@ -342,7 +342,8 @@ class StableDiffusionBackbone:
 
     def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True,
                          need_eps: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One UNet pass: eps (1, 4, h, w) fp32 and features (1, C, 4h, 4w) (or (1, C, h', w') raw).
+        """One UNet pass: eps (1, 4, h, w) fp32 and features (1, C, 4h, 4w) fp32 (or (1, C, h', w') raw, in
+        the pass's dtype: bf16 under bf16 autocast, never cast to fp32 and back as a whole).
         ``need_eps=False`` stops the pass after the feature block (up_blocks[3], a quarter of the
         UNet's work, is skipped) and returns eps None."""
         if need_eps:
@@ -355,8 +356,10 @@ class StableDiffusionBackbone:
                 pass
             finally:
                 self._features_only = False
-        feats, self._captured = self._captured.float(), None  # (1, C, h', w'), fp32 for the losses
-        return eps, (self.upsample_features(feats, z.shape[-2:]) if upsample else feats)
+        feats, self._captured = self._captured, None  # (1, C, h', w') in the pass's dtype
+        if not upsample:  # raw: the caller reads it patch by patch (in fp32) or upsamples it
+            return eps, feats
+        return eps, self.upsample_features(feats.float(), z.shape[-2:])  # fp32 for the losses
 
     def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:
         """Bilinear (align_corners False) to the feature grid: 4x the latent (h, w) = H/2 x W/2."""
