@@ -69,7 +69,7 @@ def edit(
     seed: int = O.SEED,
     width: int = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
-                             "predicts, with targets (blue), original handles (red) and current handles (green)."),
+                             "predicts, with targets (blue), original handles (red) and current handles (yellow/black rings)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
     mp4: bool = typer.Option(False, "--mp4", help="Also write the animation as drag.mp4 (needs the video extra: "
                              "pip install 'gooddrag[video]')."),

@@ -4,6 +4,7 @@ one drag edit (LoRA, inversion, reference, drag, mutual-attention finish, decode
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import resource
 import time
@@ -177,11 +178,11 @@ class Editor:
         num_steps = cfg.schedule_params.num_inference_steps
         ddim = b.sampler(num_steps)
         with timer("lora"):
-            lora_status = b.use_lora(cfg.lora, image, cfg.lora_params)
+            lora_status = b.use_lora(cfg.lora, image, cfg.lora_params, **_on_step(b.use_lora, events, "lora"))
         with timer("inversion"):
             z0 = b.encode(image)  # (1, 4, H/8, W/8)
             start, indices = drag_window(schedule, num_steps)
-            z_start = b.invert(z0, start)
+            z_start = b.invert(z0, start, **_on_step(b.invert, events, "inversion"))
             if not bool(torch.isfinite(z_start).all()):  # one host sync per edit
                 raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
                                     f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
@@ -189,7 +190,8 @@ class Editor:
         with contextlib.ExitStack() as mixed_span:
             with timer("reference"):
                 mixed_span.enter_context(mixed())
-                ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features)
+                ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=patch_features,
+                                on_step=events.step_callback("reference"))
             handles, targets = (x.to(b.device) for x in inp.grid_points())
             mask = inp.latent_mask()
             ctx = DragContext(backbone=b, timesteps=ddim.timesteps, start_index=start, z_start=z_start, reference=ref,
@@ -210,6 +212,7 @@ class Editor:
                     t = ddim.timesteps[k]
                     eps_ref, eps = b.eps_mutual(z_ref, z, t)
                     z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+                    events.phase_step("finish", k + 1 - out.next_index, num_steps - out.next_index)
         if not bool(torch.isfinite(z).all()):
             raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
                                 "or try dtype fp32")
@@ -252,6 +255,15 @@ class Editor:
 def _supports(component: type, method: str, what: str, option: str) -> None:
     if not hasattr(component, method):
         raise ConfigError(f"backbone {getattr(component, 'name', component.__name__)!r} has no {what}; drop {option}")
+
+
+def _on_step(method: Any, events: Events, phase: str) -> dict[str, Any]:
+    """``{"on_step": ...}`` for a backbone method that reports its steps (a third-party backbone's
+    may not take the argument), when a plugin listens to ``gooddrag_phase_step``; else ``{}``."""
+    callback = events.step_callback(phase)
+    if callback is None or "on_step" not in inspect.signature(method).parameters:
+        return {}
+    return {"on_step": callback}
 
 
 def keyword_overrides(params: dict[str, Any]) -> list[str]:

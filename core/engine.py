@@ -66,7 +66,7 @@ class Reference:
     """
 
     def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int],
-                 patch_features: bool = False):
+                 patch_features: bool = False, on_step: Callable[[int, int], None] | None = None):
         self.backbone = backbone
         self.patch_features = patch_features  # hand out FeatureMaps (computed where read), not dense maps
         self.latents: dict[int, torch.Tensor] = {}
@@ -84,6 +84,8 @@ class Reference:
                 self._lowres[t] = feats
                 z = backbone.ddim_step(z, eps, t)
                 self.prev[t] = z
+                if on_step is not None:
+                    on_step(k + 1 - min(indices), max(indices) + 1 - min(indices))
             self.latents[max(indices) + 1] = z
 
     def features(self, t: int) -> Features:
@@ -104,7 +106,7 @@ class Events:
     def __init__(self, hook: Any | None):
         self._hook = hook
         names = ("gooddrag_drag_step", "gooddrag_points_tracked", "gooddrag_drag_stopped",
-                 "gooddrag_phase", "gooddrag_preview")
+                 "gooddrag_phase", "gooddrag_phase_step", "gooddrag_preview")
         self._on = {n: bool(hook is not None and getattr(hook, n).get_hookimpls()) for n in names}
 
     def step(self, timestep: int, drag: int, step: int, parts: LossParts) -> None:
@@ -123,6 +125,15 @@ class Events:
     def phase(self, name: str, status: str) -> None:
         if self._on["gooddrag_phase"]:
             self._hook.gooddrag_phase(name=name, status=status)
+
+    def phase_step(self, name: str, step: int, total: int) -> None:
+        if self._on["gooddrag_phase_step"]:
+            self._hook.gooddrag_phase_step(name=name, step=step, total=total)
+
+    def step_callback(self, name: str) -> Any:
+        """``on_step(step, total)`` for a backbone's LoRA training or inversion loop; None (no call at
+        all) when no plugin listens."""
+        return (lambda step, total: self.phase_step(name, step, total)) if self._on["gooddrag_phase_step"] else None
 
     @property
     def wants_preview(self) -> bool:

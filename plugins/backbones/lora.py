@@ -83,9 +83,11 @@ class PerImageLora:
     def pipe(self) -> Any:
         return self.backbone.pipe
 
-    def apply(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
+    def apply(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None, on_step: Any = None) -> str:
         """Apply the per-image LoRA: ``off``, ``auto`` (train or load from the disk cache) or a path.
-        ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done."""
+        ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done. ``on_step(k,
+        total)`` is called after each training step; what it raises (a cancel) stops the training and
+        leaves the UNet without the half-trained adapter, and nothing is cached."""
         self.drop()
         if mode == "off":
             return "off"
@@ -115,7 +117,11 @@ class PerImageLora:
                                   "cached; set GOODDRAG_CACHE to a writable folder", GoodDragWarning, stacklevel=2)
                 if on_train:
                     on_train()
-                self.train(image, params)
+                try:
+                    self.train(image, params, on_step)
+                except BaseException:
+                    self.drop()
+                    raise
                 status = "trained (not cached)"
                 if not unwritable:
                     try:
@@ -181,7 +187,7 @@ class PerImageLora:
         except OSError:  # another process cached it first
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def train(self, image: torch.Tensor, params: Any) -> None:
+    def train(self, image: torch.Tensor, params: Any, on_step: Any = None) -> None:
         """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled.
         Every random number is drawn up front, in the order the steps use them, and moved to the
         device once: the loop itself never waits for the host."""
@@ -222,6 +228,8 @@ class PerImageLora:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if on_step is not None:
+                    on_step(k + 1, params.steps)
         finally:
             if checkpointing:
                 self.unet.disable_gradient_checkpointing()

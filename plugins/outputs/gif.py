@@ -2,7 +2,7 @@
 
 Each frame shows what the image is becoming after a drag, not the noisy latent: the clean image the
 model predicts from the latent at that timestep (x0, decoded). The points are drawn on it: targets
-(blue), original handles (red), current handles (green ring), an arrow from each current handle to
+(blue), original handles (red), current handles (a yellow ring between black rings), an arrow from each current handle to
 its target, and ``t=<timestep> drag <n>`` in the top-left corner. The first frame is the input, the
 last the finished result with the final handles.
 """
@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw
 
 from gooddrag.core.errors import RequirementError
 from gooddrag.core.hookspecs import hookimpl
-from gooddrag.plugins.outputs.files import to_pil
+from gooddrag.plugins.outputs.files import FINAL_RING, draw_final_marker, to_pil
 
 #: colours of the drawn points (RGB)
-TARGET, HANDLE, CURRENT, ARROW = (40, 90, 230), (230, 40, 40), (40, 220, 40), (255, 255, 255)
+TARGET, HANDLE, CURRENT, ARROW = (40, 90, 230), (230, 40, 40), FINAL_RING, (255, 255, 255)
 VIDEO_HINT = "install a video writer with pip install 'gooddrag[video]' (PyAV)"
 
 
@@ -43,11 +43,10 @@ def draw_frame(image: Image.Image, handles: Sequence, targets: Sequence, current
     now = current if current is not None else handles
     for h, t, c in zip(handles, targets, now):
         d.line([tuple(c), tuple(t)], fill=ARROW, width=ring)
+        if current is not None:  # under the dots: the original handle stays visible where the marker starts
+            draw_final_marker(d, c, r)
         d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=TARGET)
         d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=HANDLE)
-        if current is not None:
-            d.ellipse([c[0] - r - ring, c[1] - r - ring, c[0] + r + ring, c[1] + r + ring], outline=CURRENT,
-                      width=ring)
     if label:
         box = d.textbbox((3, 2), label)
         d.rectangle([0, 0, box[2] + 3, box[3] + 2], fill=(0, 0, 0))
