@@ -27,26 +27,29 @@ def require_gradio() -> Any:
     return gradio
 
 
-def build(settings: Any, registry: Any = None, pool: Any = None) -> Any:
+def build(settings: Any, registry: Any = None, pool: Any = None, host: str = "127.0.0.1") -> Any:
     """The page (not launched) for ``settings``; ``registry`` and ``pool`` default to the installed
-    plugins and a fresh editor pool."""
+    plugins and a fresh editor pool; ``host`` is where it will be served (the page warns when that
+    is not this machine only)."""
     require_gradio()
     from gooddrag.app.ui.page import build_page
     from gooddrag.app.ui.work import EditorPool
     from gooddrag.core.registry import default_registry
 
     registry = registry or default_registry()
-    return build_page(settings, registry, pool or EditorPool(registry))
+    return build_page(settings, registry, pool or EditorPool(registry), host=host)
 
 
 def launch(settings: Any, *, host: str = "127.0.0.1", port: int | None = 7860, registry: Any = None,
            pool: Any = None, block: bool = True, quiet: bool = False) -> Any:
     """Serve the editor on ``host:port`` (local only unless a host says otherwise; never a share link).
     With ``block=False`` it returns the running page (``page.close()`` stops it)."""
-    page = build(settings, registry, pool)
+    from gooddrag.app.ui.page import CSS
+
+    page = build(settings, registry, pool, host=host)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-                show_error=False, quiet=quiet, ssr_mode=False, mcp_server=False, footer_links=["gradio", "settings"],
+                show_error=False, quiet=quiet, ssr_mode=False, mcp_server=False, footer_links=["gradio", "settings"], css=CSS,
                 allowed_paths=[str(Path(settings.out).resolve())])
     return page
 
