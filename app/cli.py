@@ -15,6 +15,7 @@ from rich.markup import escape
 
 import gooddrag
 from gooddrag.app import options as O
+from gooddrag.core.config import LoadOptions
 from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning, RequirementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,6 +44,7 @@ def _main(
 
 
 @app.command()
+@O.with_load_options
 def edit(
     image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
@@ -50,8 +52,6 @@ def edit(
                                                help=escape('JSON file {"points": [[hx,hy], [tx,ty], ...]}: handle, target, '
                                                            'handle, target, ... in image pixels.')),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Editable region, white = may change (default: all)."),
-    model: str = O.MODEL,
-    vae: str = O.VAE,
     preset: str = O.PRESET,
     schedule: Optional[str] = O.SCHEDULE,
     loss: Optional[str] = O.LOSS,
@@ -59,13 +59,6 @@ def edit(
     param: List[str] = O.PARAM,
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
-    device: str = O.DEVICE,
-    dtype: str = O.DTYPE,
-    attention: str = O.ATTENTION,
-    faithful: bool = O.FAITHFUL,
-    precision: str = O.PRECISION,
-    low_memory: bool = O.LOW_MEMORY,
-    compile: bool = O.COMPILE,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
@@ -76,6 +69,7 @@ def edit(
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = O.OUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
+    load: LoadOptions = None,
 ) -> None:
     """Drag the content at each handle to its target."""
     from gooddrag.core.config import resolve_config
@@ -84,9 +78,7 @@ def edit(
 
     reg = default_registry()
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
-                         model=model, vae=vae, lora=lora, device=device, dtype=dtype, attention=attention, seed=seed,
-                         width=width, faithful=faithful, precision=precision, low_memory=low_memory,
-                         compile=compile)
+                         load=load, lora=lora, seed=seed, width=width)
     if points and points_file:
         raise BadInputError("give either --points or --points-file, not both")
     pairs = load_points_file(points_file) if points_file else parse_points(points)
@@ -107,14 +99,12 @@ def edit(
     check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
     if mp4 and not video_writer_available():
         raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
-    O.silence_libraries()
+    O.silence_libraries(reg)
     from gooddrag.core.editor import Editor
     from gooddrag.plugins.outputs.progress import ProgressDisplay
     from gooddrag.plugins.outputs.trace import TraceWriter
 
-    editor = Editor.from_pretrained(model, vae=vae, device=device, dtype=dtype, attention=attention,
-                                    faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
-                                    registry=reg)
+    editor = Editor.from_pretrained(cfg.load, registry=reg)
     if out.is_dir():
         clear_partials(out)  # left by a killed edit
     removed: list[str] = []
@@ -124,9 +114,7 @@ def edit(
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
         try:
-            result = editor.edit(image, inp, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
-                                 overrides=param, lora=lora, prompt=prompt, seed=seed, width=width,
-                                 plugins=plugins)
+            result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
         finally:
             if tracer:
                 tracer.close()
@@ -196,23 +184,17 @@ def _first_paragraph(doc: str) -> str:
 
 
 @app.command()
+@O.with_load_options
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (127.0.0.1: this machine only)."),
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
-    model: str = O.MODEL,
-    vae: str = O.VAE,
-    device: str = O.DEVICE,
-    dtype: str = O.DTYPE,
-    attention: str = O.ATTENTION,
-    precision: str = O.PRECISION,
-    low_memory: bool = O.LOW_MEMORY,
-    compile: bool = O.COMPILE,
     preset: str = O.PRESET,
     lora: str = O.LORA,
     width: int = O.WIDTH,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
+    load: LoadOptions = None,
 ) -> None:
     """Interactive drag editor in the browser (needs the extra gooddrag[ui])."""
     from gooddrag.app.ui import default_out, launch, require_gradio
@@ -220,16 +202,13 @@ def ui(
     from gooddrag.core.registry import default_registry
 
     require_gradio()
-    resolve_config(default_registry(), preset=preset, model=model, vae=vae, lora=lora, device=device, dtype=dtype,
-                   attention=attention, width=width, precision=precision,
-                   low_memory=low_memory, compile=compile)  # bad options fail here, in one line, before serving
-    O.silence_libraries()
+    reg = default_registry()
+    resolve_config(reg, preset=preset, load=load, lora=lora, width=width)  # bad options fail here, before serving
+    O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings
 
-    settings = UiSettings(model=model, vae=vae, device=device, dtype=dtype, attention=attention, width=width,
-                          precision=precision, low_memory=low_memory, compile=compile,
-                          lora=lora, preset=preset, out=out or default_out(), samples=samples)
-    typer.echo(f"gooddrag ui: http://{host}:{port} (model {model}, loaded on the first edit; Ctrl-C stops)")
+    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples)
+    typer.echo(f"gooddrag ui: http://{host}:{port} (model {load.model}, loaded on the first edit; Ctrl-C stops)")
     launch(settings, host=host, port=port, quiet=True)
 
 

@@ -48,6 +48,52 @@ class Preset:
     params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
 
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    """A load option: its default and the help every front-end shows (``flag``: the CLI spelling)."""
+    return attrs.field(default=default, metadata={"help": help, "flag": flag})
+
+
+@attrs.frozen(kw_only=True)
+class LoadOptions:
+    """What loading a backbone depends on: one Editor per distinct value (the UI's editor pool and the
+    bench key on it). The single definition of these options: the CLI, the UI and the bench build
+    their flags and settings from these fields."""
+
+    model: str = _opt(DEFAULT_MODEL, "Hub id, diffusers folder, .safetensors/.ckpt file, or tiny-random.")
+    vae: str = _opt("auto", "auto (ft-MSE for SD1.x), model (keep own), hub id, folder or file.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:<i>.")
+    dtype: str = _opt("fp32", "Weights dtype: fp32, fp16 or bf16.")
+    attention: str = _opt("auto", "auto, sdpa or xformers (CUDA + the xformers extra).")
+    faithful: bool = _opt(False, "Reference code path: no fast paths, no TF32 (slower; for checking that the fast "
+                                 "paths change nothing).")
+    precision: str = _opt("auto", "Compute precision of the LoRA, reference and drag passes: auto (bf16 autocast "
+                                  "where the device has native bf16, else fp32), fp32, bf16 or fp16. Weights, latent "
+                                  "and losses stay fp32.")
+    low_memory: bool = _opt(False, "Keep the VAE and text encoder in host memory except during their calls (same "
+                                   "results; for GPUs with about 6 GB).", "--low-memory")
+    compile: bool = _opt(False, "torch.compile the UNet's transformer blocks (the first edit of each size compiles, "
+                                "later ones run faster; a compile error falls back to eager).")
+
+    def check(self) -> "LoadOptions":
+        """One-line ConfigError for a value no backbone could load with (before anything loads)."""
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use fp32, fp16 or bf16")
+        check_precision(self.precision, self.dtype, self.faithful)
+        if self.attention not in ("auto", "sdpa", "xformers"):
+            raise ConfigError(f"attention {self.attention!r} is not supported; use auto, sdpa or xformers")
+        base, _, index = self.device.partition(":")
+        if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
+            raise ConfigError(f"device {self.device!r} is not supported; use {DEVICES_HELP}")
+        if base == "cuda":
+            from gooddrag.core.devices import resolve_device
+
+            resolve_device(self.device)  # a machine without that GPU is refused here, before any model loads
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
 @attrs.frozen(kw_only=True)
 class EditConfig:
     """Everything that determines an edit, printed by ``--dry-run`` and saved in ``run.json``."""
@@ -59,19 +105,11 @@ class EditConfig:
     schedule_params: Any
     loss_params: Any
     tracker_params: Any
-    model: str = DEFAULT_MODEL
-    vae: str = "auto"
+    load: LoadOptions = attrs.field(factory=LoadOptions)  # how the backbone is loaded
     lora: str = "auto"
     lora_params: Any = None
-    device: str = "auto"
-    dtype: str = "fp32"
-    attention: str = "auto"
     seed: int = 0
     width: int = 512
-    faithful: bool = False  # the reference code path: no fast paths (slower; same result up to rounding)
-    compile: bool = False  # the UNet's transformer blocks through torch.compile (eager fallback)
-    low_memory: bool = False  # VAE and text encoder in host memory between their calls (same results)
-    precision: str = "auto"  # compute precision of the LoRA, reference and drag passes (PRECISIONS)
     backbone_params: Any = None
     #: where each value came from: {"loss": "preset gooddrag", "loss.lam": "override", ...}
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
@@ -82,12 +120,16 @@ class EditConfig:
         return getattr(self, f"{kind}_params")
 
     def to_dict(self) -> dict[str, Any]:
+        """Flat, as saved in run.json: the load options sit beside the method's settings."""
         out: dict[str, Any] = {}
         for f in attrs.fields(EditConfig):
             if f.name in ("sources", "notes"):
                 continue
             v = getattr(self, f.name)
-            out[f.name] = params_to_dict(v) if attrs.has(type(v)) else v
+            if f.name == "load":
+                out.update(v.to_dict())
+            else:
+                out[f.name] = params_to_dict(v) if attrs.has(type(v)) else v
         return out
 
     def to_json(self) -> str:
@@ -117,12 +159,16 @@ def resolve_config(
     tracker: str | None = None,
     overrides: Sequence[str] | Mapping[str, Mapping[str, Any]] = (),
     backbone: str | type | None = None,
-    **runtime: Any,
+    load: LoadOptions | None = None,
+    lora: str = "auto",
+    seed: int = 0,
+    width: int = 512,
 ) -> EditConfig:
     """Resolve and validate a config. Raises ConfigError (one line, names the culprit); each note
     (see EditConfig.notes) is also issued as a GoodDragWarning. ``backbone`` is the backbone
     component (class or registered name) whose parameters ``backbone.*`` overrides set; by default
-    the one ``runtime['model']`` selects."""
+    the one ``load.model`` selects."""
+    load = (load or LoadOptions()).check()
     pre: Preset = registry.get("preset", preset)
     chosen = {"schedule": schedule or pre.schedule, "loss": loss or pre.loss, "tracker": tracker or pre.tracker}
     given = parse_overrides(overrides) if not isinstance(overrides, Mapping) else {k: dict(v) for k, v in overrides.items()}
@@ -147,22 +193,23 @@ def resolve_config(
     lora_preset, lora_given = dict(pre.params.get("lora", {})), given.get("lora", {})
     resolved["lora_params"] = built = build_params("lora", _LoraSettings, {**lora_preset, **lora_given})
     _sources(sources, "lora", built, lora_given, lora_preset, preset)
-    mode = runtime.get("lora", "auto")
+    mode = lora
     idle = [k for k in lora_given if mode == "off" or (mode != "auto" and k not in LORA_PATH_FIELDS)]
     if idle:
         why = "the LoRA is off" if mode == "off" else "a trained LoRA is loaded from a path"
         notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
-    bcomp = _backbone_component(registry, backbone, runtime.get("model", DEFAULT_MODEL))
+    bcomp = _backbone_component(registry, backbone, load.model)
     if bcomp is None:
         if given.get("backbone"):
             raise ConfigError(f"backbone {backbone!r} is not registered, so backbone.* overrides cannot be checked")
     else:
         resolved["backbone_params"] = built = build_params("backbone", bcomp, given.get("backbone", {}))
         _sources(sources, "backbone", built, given.get("backbone", {}), {}, preset)
-    _check_runtime(runtime)
+    _check_edit(lora, seed, width)
     for note in notes:
         warnings.warn(note, GoodDragWarning, stacklevel=2)
-    return EditConfig(preset=preset, **chosen, **resolved, **runtime, sources=sources, notes=tuple(notes))
+    return EditConfig(preset=preset, **chosen, **resolved, load=load, lora=lora, seed=seed, width=width,
+                      sources=sources, notes=tuple(notes))
 
 
 def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_preset: Mapping, preset: str) -> None:
@@ -186,30 +233,13 @@ class _LoraSettings:
     Params = LoraParams
 
 
-def _check_runtime(runtime: Mapping[str, Any]) -> None:
-    dtype = runtime.get("dtype", "fp32")
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"dtype {dtype!r} is not supported; use fp32, fp16 or bf16")
-    check_precision(runtime.get("precision", "auto"), dtype, runtime.get("faithful", False))
-    attention = runtime.get("attention", "auto")
-    if attention not in ("auto", "sdpa", "xformers"):
-        raise ConfigError(f"attention {attention!r} is not supported; use auto, sdpa or xformers")
-    device = runtime.get("device", "auto")
-    base, _, index = device.partition(":")
-    if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
-        raise ConfigError(f"device {device!r} is not supported; use {DEVICES_HELP}")
-    if base == "cuda":
-        from gooddrag.core.devices import resolve_device
-
-        resolve_device(device)  # a machine without that GPU is refused here, before any model loads
-    width = runtime.get("width", 512)
-    if not isinstance(width, int) or width < 16 or width % 8:
+def _check_edit(lora: str, seed: Any, width: Any) -> None:
+    """The per-edit settings that are not a component's parameters."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 16 or width % 8:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
-    lora = runtime.get("lora", "auto")
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
-    seed = runtime.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed {seed!r} must be a non-negative integer")
 
 

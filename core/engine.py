@@ -1,9 +1,13 @@
-"""The edit pipeline around a schedule: invert, cache the reference trajectory, drag, finish.
+"""The edit pipeline around a schedule (``run_edit``), and what the strategies see (``DragContext``).
 
-    z_T  = DDIM-invert(z_0) to the schedule's start timestep          (method.md 2)
-    ref  = plain DDIM from z_T over the drag window: F0_t, z0_{t-1}     (method.md 2)
-    out  = schedule.run(ctx)            drags, tracks, stops            (method.md 3)
-    z_0' = DDIM from out.next_index with mutual self-attention          (method.md 6)
+    1. strategies   the schedule, loss and tracker of the config, and the fast paths they allow
+    2. LoRA         the per-image LoRA: trained once, cached, or loaded             (method.md 1)
+    3. inversion    z_T = DDIM-invert(z_0) to the schedule's start timestep          (method.md 2)
+    4. reference    plain DDIM from z_T over the drag window: F0_t, z0_{t-1}         (method.md 2)
+    5. drag         out = schedule.run(ctx): drags, tracks, stops                    (method.md 3)
+    6. finish       z_0' = DDIM from out.next_index with mutual self-attention       (method.md 6)
+    7. decode       the image at the input's size; final handles in image pixels
+    8. report       config, timings, memory, stop reason: run.json
 
 Strategies only see ``DragContext``: the backbone, the reference, the loss, the tracker, the points,
 the mask and the event relay. Nothing here copies tensors to the host inside the loop except the
@@ -12,14 +16,19 @@ scalar stop checks the schedule needs.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Any, Callable
 
 import attrs
 import torch
+from PIL import Image
 
 from gooddrag.core.ddim import start_index as _start_index
-from gooddrag.core.errors import DivergedError
+from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
+from gooddrag.core.errors import ConfigError, DivergedError
 from gooddrag.core.geometry import FeatureMap, Features, point_vectors
+from gooddrag.core.report import PhaseTimer, device_name, peak_mb, versions
 
 
 @attrs.frozen
@@ -163,17 +172,34 @@ class DragContext:
     patch_features: bool = False  # features as a FeatureMap: upsampled only where read
     reuse_forward: bool = False  # the first gradient step of a timestep reuses the tracking forward
     features_only: bool = False  # the loss reads no eps: gradient-step passes stop after the feature block
+    #: the tracking pass kept for the first gradient step on the same z (``reuse_forward``)
+    _ahead: tuple[torch.Tensor, int, int, tuple] | None = attrs.field(default=None, init=False, repr=False)
 
     def forward(self, z: torch.Tensor, t: int, *, for_loss: bool = False) -> tuple[torch.Tensor | None, Features]:
         """eps (1, 4, h, w) and features (1, C, H/2, W/2) of the latent at t, in one UNet pass.
 
         ``for_loss``: the pass feeds the loss; when the loss reads no eps (``features_only``) the
-        backbone may stop after the feature block and eps is None."""
+        backbone may stop after the feature block and eps is None. A loss pass on the very latent that
+        ``tracking_features`` just read (same tensor, unchanged) is that pass, not a new one."""
+        ahead, self._ahead = self._ahead, None
+        if for_loss and ahead is not None and ahead[0] is z and ahead[1:3] == (z._version, t):
+            return ahead[3]
         if for_loss and self.features_only:
             eps, low = self.backbone.eps_and_features(z, t, upsample=False, need_eps=False)
         else:
             eps, low = self.backbone.eps_and_features(z, t, upsample=False)
         return eps, grid_features(self.backbone, low, z.shape[-2:], self.patch_features)
+
+    def tracking_features(self, z: torch.Tensor, t: int) -> Features:
+        """Features of z at t for tracking, detached. With ``reuse_forward`` the pass is taken with the
+        gradient graph and kept, so the first gradient step on the same z is served by it (one UNet
+        pass instead of two; the same numbers)."""
+        if self.reuse_forward and z.requires_grad:
+            out = self.forward(z, t, for_loss=True)
+            self._ahead = (z, z._version, t, out)
+            return out[1].detach()
+        with torch.no_grad():
+            return self.forward(z, t)[1]
 
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
@@ -219,3 +245,179 @@ def drag_window(schedule: Any, num_steps: int) -> tuple[int, list[int]]:
 def make_optimizer(z: torch.Tensor, lr: float) -> torch.optim.Optimizer:
     """A fresh Adam on the latent (re-created at every drag timestep, as the method does)."""
     return torch.optim.Adam([z], lr=lr)
+
+
+@attrs.define
+class EditResult:
+    """The edited image (original size), final handles in image px, and the run report."""
+
+    image: Image.Image
+    points: list[list[int]]
+    report: dict[str, Any]
+
+
+def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, notes: list[str]) -> EditResult:
+    """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step."""
+    b, hook = backbone, registry.pm.hook
+    events = Events(hook)
+    timer = PhaseTimer(b.device, events)
+    hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
+    # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
+    s = Strategies.build(registry, cfg, b)
+    compute = compute_dtype(b, cfg)
+    mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
+    torch.manual_seed(cfg.seed)
+    b.set_prompt(prompt)
+    image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
+    ddim = b.sampler(cfg.schedule_params.num_inference_steps)
+    # 2. LoRA: fitted to this image once (cached on disk), loaded from a path, or off
+    with timer("lora"):
+        lora_status = b.use_lora(cfg.lora, image, cfg.lora_params, **on_step(b.use_lora, events, "lora"))
+    # 3. inversion: z_T, the latent at the schedule's start timestep
+    with timer("inversion"):
+        start, indices = drag_window(s.schedule, len(ddim.timesteps))
+        z_start = invert(b, image, start, lora_status, events)
+    # 4 + 5. reference and drag, in one mixed-precision span (the weights are split once)
+    with contextlib.ExitStack() as mixed_span:
+        with timer("reference"):
+            mixed_span.enter_context(mixed())
+            ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=s.patch_features,
+                            on_step=events.step_callback("reference"))
+        ctx = s.context(b, inp, ddim.timesteps, start, z_start, ref, events)
+        with timer("drag"):
+            out = s.schedule.run(ctx)
+            mixed_span.close()  # the exact fp32 weights are back before the finish (timed as drag)
+    # 6. finish: denoise the edited and the reference latents together, with mutual self-attention
+    with timer("finish"):
+        z = finish(b, ddim, ref, out, events)
+    # 7. decode to the input's size
+    with timer("decode"):
+        result = decode(b, z, inp.size)
+    # 8. report
+    final = inp.to_image_px(ctx.points.handles)
+    report = {
+        "config": cfg.to_dict(),
+        "prompt": prompt,
+        "image_size": list(inp.size),
+        "working_size": list(inp.work_size),
+        # *_xy: [x, y] pixels of the input image; *_grid_rc: (row, col) on the feature grid (H/2, W/2)
+        "handles_xy": [list(h) for h, _ in inp.pairs],
+        "targets_xy": [list(t) for _, t in inp.pairs],
+        "final_handles_xy": final,
+        "final_handles_grid_rc": ctx.points.handles.cpu().tolist(),
+        "stop_reason": out.reason,
+        "drags": out.drags,
+        "gradient_steps": out.steps,
+        "start_timestep": ddim.timesteps[start],
+        "drag_timesteps": [ddim.timesteps[k] for k in indices],
+        "lora": lora_status,
+        "device": str(b.device),
+        "device_name": device_name(b.device),
+        "dtype": cfg.load.dtype,
+        "compute": f"{DTYPE_NAMES[compute]} autocast" if compute is not None else cfg.load.dtype,
+        "attention": b.attention,
+        "timings_s": timer.times,
+        "peak_memory_mb": peak_mb(b.device),
+        "warnings": notes,
+        "versions": versions(),
+    }
+    res = EditResult(result, final, report)
+    hook.gooddrag_edit_finished(result=res)
+    return res
+
+
+@attrs.frozen
+class Strategies:
+    """The schedule, the loss and tracker (behind their first-call contract checks), and which exact
+    fast paths this backbone and these strategies allow."""
+
+    schedule: Any
+    loss: Any  # CheckedLoss
+    tracker: Any  # CheckedTracker
+    raw_loss: Any
+    fast: frozenset
+    patch_features: bool  # losses and trackers read patches from a FeatureMap
+    reuse_forward: bool  # the first gradient step of a timestep reuses the tracking pass (off when faithful)
+
+    @classmethod
+    def build(cls, registry: Any, cfg: Any, b: Any) -> "Strategies":
+        from gooddrag.core.contracts import CheckedLoss, CheckedTracker  # they check against this module's types
+
+        raw_loss = registry.get("loss", cfg.loss)(cfg.loss_params)
+        raw_tracker = registry.get("tracker", cfg.tracker)(cfg.tracker_params)
+        fast = frozenset() if cfg.load.faithful else frozenset(getattr(b, "fast_paths", ()))
+        return cls(schedule=registry.get("schedule", cfg.schedule)(cfg.schedule_params),
+                   loss=CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
+                   tracker=CheckedTracker(raw_tracker, cfg.tracker, registry.owner("tracker", cfg.tracker)),
+                   raw_loss=raw_loss, fast=fast, reuse_forward=not cfg.load.faithful,
+                   patch_features="patch_features" in fast and all(getattr(c, "reads_patches", False)
+                                                                   for c in (raw_loss, raw_tracker)))
+
+    def context(self, b: Any, inp: Any, timesteps: list[int], start: int, z_start: torch.Tensor,
+                ref: Reference, events: Events) -> DragContext:
+        handles, targets = (x.to(b.device) for x in inp.grid_points())  # (N, 2) (row, col) feature grid
+        mask = inp.latent_mask()  # (1, 1, h, w) or None
+        ctx = DragContext(backbone=b, timesteps=timesteps, start_index=start, z_start=z_start, reference=ref,
+                          loss=self.loss, tracker=self.tracker, points=Points(handles.clone(), handles.clone(), targets),
+                          mask=None if mask is None else mask.to(b.device), events=events,
+                          mask_is_empty=mask is not None and not bool(mask.any()),
+                          patch_features=self.patch_features, reuse_forward=self.reuse_forward)
+        uses_eps = getattr(self.raw_loss, "uses_eps", None)
+        ctx.features_only = "features_only" in self.fast and uses_eps is not None and not uses_eps(ctx)
+        return ctx
+
+
+def compute_dtype(b: Any, cfg: Any) -> torch.dtype | None:
+    """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
+    compute = resolve_precision(cfg.load.precision, b.device, b.dtype, cfg.load.faithful,
+                                getattr(b, "unet_parameters", lambda: 0)())
+    if not hasattr(b, "mixed"):
+        if compute is not None and cfg.load.precision != "auto":
+            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+                              "use precision fp32 (or auto)")
+        return None
+    b.compute_dtype = compute
+    return compute
+
+
+def on_step(method: Any, events: Events, phase: str) -> dict[str, Any]:
+    """``{"on_step": ...}`` for a backbone method that reports its steps (a third-party backbone's
+    may not take the argument), when a plugin listens to ``gooddrag_phase_step``; else ``{}``."""
+    callback = events.step_callback(phase)
+    if callback is None or "on_step" not in inspect.signature(method).parameters:
+        return {}
+    return {"on_step": callback}
+
+
+def invert(b: Any, image: torch.Tensor, start: int, lora_status: str, events: Events | None = None) -> torch.Tensor:
+    """z_T: the image's latent DDIM-inverted to timestep index ``start`` (one host sync per edit)."""
+    z0 = b.encode(image)  # (1, 4, H/8, W/8)
+    z_start = b.invert(z0, start, **(on_step(b.invert, events, "inversion") if events is not None else {}))
+    if not bool(torch.isfinite(z_start).all()):
+        raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
+                            f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
+    return z_start
+
+
+def finish(b: Any, ddim: Any, ref: Reference, out: Outcome, events: Events | None = None) -> torch.Tensor:
+    """DDIM from ``out.next_index`` to t=0, the edited latent beside the reference one, the edited
+    branch reading the reference's keys and values (mutual self-attention)."""
+    z = out.latent.detach()
+    z_ref = ref.latents[out.next_index]
+    with torch.no_grad():
+        for k in range(out.next_index, len(ddim.timesteps)):
+            t = ddim.timesteps[k]
+            eps_ref, eps = b.eps_mutual(z_ref, z, t)
+            z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+            if events is not None:
+                events.phase_step("finish", k + 1 - out.next_index, len(ddim.timesteps) - out.next_index)
+    if not bool(torch.isfinite(z).all()):
+        raise DivergedError("the latent became NaN/inf in the final denoising; lower schedule.lr, "
+                            "or try dtype fp32")
+    return z
+
+
+def decode(b: Any, z: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    x = b.decode(z)  # (1, 3, H, W) in [0, 1]
+    arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(arr).resize(size, Image.BILINEAR)

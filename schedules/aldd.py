@@ -56,14 +56,7 @@ class AlDD:
             z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
             opt = make_optimizer(z, P.lr)
             ref_vectors = ctx.reference.vectors(t, pts.handles0)  # (N, C)
-            ahead = None  # the first gradient step's pass, when it doubles as the tracking pass
-            if ctx.reuse_forward:  # same z and t: one pass serves the tracking and the first step
-                ahead = ctx.forward(z, t, for_loss=True)
-                feats = ahead[1].detach()
-            else:
-                with torch.no_grad():
-                    _, feats = ctx.forward(z, t)
-            pts.handles = ctx.tracker.track(ref_vectors, feats, pts.handles)
+            pts.handles = ctx.tracker.track(ref_vectors, ctx.tracking_features(z, t), pts.handles)
             ev.tracked(t, 0, pts.handles)
             stop = None
             for b in range(P.drags_per_timestep):
@@ -71,8 +64,7 @@ class AlDD:
                 if stop:
                     break
                 for _ in range(P.steps_per_drag):
-                    eps, feats = ahead or ctx.forward(z, t, for_loss=True)
-                    ahead = None
+                    eps, feats = ctx.forward(z, t, for_loss=True)
                     parts = ctx.loss(ctx, z, t, feats, eps, pts)
                     opt.zero_grad(set_to_none=True)
                     parts.total.backward()

@@ -41,9 +41,10 @@ def animated():
     backbone = ToyBackbone()
     inp = prepare_input(blob_on_grey(), [(HANDLE_XY, TARGET_XY)], width=W)
     gif, rec = GifWriter(backbone, inp), Recorder()
-    result = Editor(backbone).edit(inp.image, inp, lora="off", width=W, plugins=[gif, rec],
-                                   overrides=["schedule.drag_timesteps=2", "schedule.drags_per_timestep=3",
-                                              "schedule.patience=0"])
+    editor = Editor(backbone)
+    cfg = editor.config(lora="off", width=W, overrides=["schedule.drag_timesteps=2", "schedule.drags_per_timestep=3",
+                                                         "schedule.patience=0"])
+    result = editor.run(inp, cfg, plugins=[gif, rec])
     return backbone, inp, gif, rec, result
 
 

@@ -37,12 +37,14 @@ def test_api_use_prints_nothing_but_our_warnings(tmp_path):
 
 def test_api_errors_do_not_name_cli_flags():
     from gooddrag.core.config import resolve_config
+    from gooddrag.core.config import LoadOptions
     from gooddrag.core.inputs import prepare_input
     from gooddrag.core.registry import default_registry
     from gooddrag.testing import random_image
 
     reg = default_registry()
-    cases = [lambda: resolve_config(reg, dtype="fp8"), lambda: resolve_config(reg, device="tpu"),
+    cases = [lambda: resolve_config(reg, load=LoadOptions(dtype="fp8")),
+             lambda: resolve_config(reg, load=LoadOptions(device="tpu")),
              lambda: resolve_config(reg, width=100), lambda: resolve_config(reg, lora="/nonexistent"),
              lambda: resolve_config(reg, overrides=["lam=1"]), lambda: prepare_input(random_image(), []),
              lambda: prepare_input(random_image(), [((1, 1), (2, 2))], width=12)]

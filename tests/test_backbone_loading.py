@@ -27,7 +27,7 @@ def test_model_name_selects_the_backbone():
 def test_explicit_vae_folder_is_used_and_recorded():
     b = TinyRandomBackbone.load(vae=str(tiny_pipeline_dir() / "vae"), device="cpu")
     assert b.vae_id.endswith("vae") and b.vae is b.pipe.vae
-    assert Editor(b).config().vae == b.vae_id
+    assert Editor(b).config().load.vae == b.vae_id
 
 
 def test_missing_vae_and_model_are_one_line_errors(tmp_path):

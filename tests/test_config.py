@@ -8,14 +8,16 @@ import warnings
 import attrs
 import pytest
 
-from gooddrag.core.config import resolve_config
+from gooddrag.core.config import LoadOptions, resolve_config
 from gooddrag.core.errors import ConfigError, GoodDragWarning
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.registry import Registry, default_registry, make_plugin_manager
 
 
 def cfg(**kw):
-    return resolve_config(default_registry(), **kw)
+    """resolve_config with the load options given flat, as a front-end's flags."""
+    load = {k: kw.pop(k) for k in [f.name for f in attrs.fields(LoadOptions)] if k in kw}
+    return resolve_config(default_registry(), load=LoadOptions(**load), **kw)
 
 
 def test_gooddrag_preset_is_the_ui_defaults():

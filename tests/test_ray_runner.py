@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from gooddrag.core.config import LoadOptions
 from PIL import Image
 
 from gooddrag.app.bench.run import BenchOptions, run_bench
@@ -116,7 +118,7 @@ def d4(tmp_path) -> Path:
 
 def _opts(d4: Path, out: Path, **kw) -> BenchOptions:
     params = tuple(FAST[i + 1] for i, a in enumerate(FAST) if a == "-p")
-    return BenchOptions(dataset_dir=d4, out=out, model="tiny-random", lora="off", device="cpu", width=64,
+    return BenchOptions(dataset_dir=d4, out=out, load=LoadOptions(model="tiny-random", device="cpu"), lora="off", width=64,
                         params=params, **kw)
 
 

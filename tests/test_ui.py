@@ -10,6 +10,8 @@ import threading
 import attrs
 import numpy as np
 import pytest
+
+from gooddrag.core.config import LoadOptions
 from attrs.validators import ge, in_, le
 from PIL import Image
 
@@ -163,9 +165,9 @@ def test_model_loads_once_per_key(monkeypatch):
     loads = []
     monkeypatch.setattr(Editor, "from_pretrained", classmethod(lambda cls, model, **k: loads.append(model) or object()))
     pool = EditorPool(default_registry())
-    first = pool.get("tiny-random", device="cpu")
-    assert pool.get("tiny-random", device="cpu") is first and loads == ["tiny-random"]
-    pool.get("tiny-random", device="cpu", dtype="bf16")
+    first = pool.get(LoadOptions(model="tiny-random", device="cpu"))
+    assert pool.get(LoadOptions(model="tiny-random", device="cpu")) is first and len(loads) == 1
+    pool.get(LoadOptions(model="tiny-random", device="cpu", dtype="bf16"))
     assert len(loads) == 2
 
 
@@ -174,8 +176,8 @@ def test_edit_streams_previews_and_cancel_stops_it(tiny_editor, img):
     from gooddrag.core.inputs import prepare_input
 
     inp = prepare_input(img, [((8, 8), (30, 20))], width=32)
-    options = dict(overrides=FAST, lora="off", width=32)
-    events = list(run_edit(tiny_editor, inp, options, threading.Event()))
+    options = tiny_editor.config(overrides=FAST, lora="off", width=32)
+    events = list(run_edit(tiny_editor, inp, options, "", threading.Event()))
     kinds = [e[0] for e in events]
     assert kinds[-1] == "done" and kinds.count("preview") == 4  # 2 timesteps x 2 drags
     assert ("phase", "drag", "start") in events
@@ -183,7 +185,7 @@ def test_edit_streams_previews_and_cancel_stops_it(tiny_editor, img):
     assert preview.size == inp.size and len(events[-1][2]) == 4  # animation frames at the image size
 
     cancel = threading.Event()
-    stream = run_edit(tiny_editor, inp, options, cancel)
+    stream = run_edit(tiny_editor, inp, options, "", cancel)
     for ev in stream:
         if ev[0] == "step":
             cancel.set()
@@ -205,7 +207,8 @@ def test_outputs_include_the_animation(tiny_editor, img, tmp_path):
     from gooddrag.core.inputs import prepare_input
 
     inp = prepare_input(img, [((8, 8), (30, 20))], width=32)
-    done = list(run_edit(tiny_editor, inp, dict(overrides=FAST, lora="off", width=32), threading.Event()))[-1]
+    cfg = tiny_editor.config(overrides=FAST, lora="off", width=32)
+    done = list(run_edit(tiny_editor, inp, cfg, "", threading.Event()))[-1]
     paths = write_outputs(tmp_path / "run", inp, done[1], done[2])
     assert [q.name for q in paths] == ["result.png", "points.png", "run.json", "drag.gif"]
     assert Image.open(paths[3]).n_frames == 4 + 1  # a preview per drag, then the result

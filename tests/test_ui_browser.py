@@ -14,6 +14,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 import pytest
+
+from gooddrag.core.config import LoadOptions
 from attrs.validators import ge, in_, le
 from PIL import Image
 
@@ -83,8 +85,9 @@ def server(tiny_backbone, tmp_path_factory):
     pm.register(ProbePlugin(), name="ui-test-plugin")
     registry = Registry(pm)
     pool = EditorPool(registry)
-    pool.adopt(tiny_backbone, "tiny-random", device="cpu")
-    settings = UiSettings(model="tiny-random", device="cpu", lora="off", width=32, out=root / "runs",
+    load = LoadOptions(model="tiny-random", device="cpu")
+    pool.adopt(tiny_backbone, load)
+    settings = UiSettings(load=load, lora="off", width=32, out=root / "runs",
                           samples=root / "samples")
     page = launch(settings, host="127.0.0.1", port=_free_port(), registry=registry, pool=pool, block=False,
                   quiet=True)

@@ -14,7 +14,9 @@ import click
 import typer
 
 from gooddrag.app import options as O
+from gooddrag.core.config import LoadOptions
 from gooddrag.core.errors import BadInputError
+from gooddrag.core.registry import default_registry
 
 
 BASELINE_HELP = ("Also score the unedited inputs on the same samples and show them beside the method "
@@ -33,6 +35,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     typer.echo(f"wrote {out}/results.csv, summary.json, report.md")
 
 
+@O.with_load_options
 def bench(
     dataset_dir: Path = typer.Argument(..., help="Benchmark folder (Drag100 or DragBench layout)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (samples/, results.csv, summary.json, report.md)."),
@@ -46,39 +49,29 @@ def bench(
                                help="How samples are spread over devices: local, or ray (a Ray cluster, docs/scale-out.md)."),
     runner_param: List[str] = typer.Option([], "--runner-param",
                                            help="runner.field=value, e.g. ray.address=HOST:PORT (repeatable)."),
-    model: str = O.MODEL,
-    vae: str = O.VAE,
     preset: str = O.PRESET,
     schedule: Optional[str] = O.SCHEDULE,
     loss: Optional[str] = O.LOSS,
     tracker: Optional[str] = O.TRACKER,
     param: List[str] = O.PARAM,
     lora: str = O.LORA,
-    device: str = O.DEVICE,
-    dtype: str = O.DTYPE,
-    attention: str = O.ATTENTION,
-    faithful: bool = O.FAITHFUL,
-    precision: str = O.PRECISION,
-    low_memory: bool = O.LOW_MEMORY,
-    compile: bool = O.COMPILE,
     seed: int = O.SEED,
     width: int = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
                                  help="Edit with each sample's prompt (DragBench) or with the empty prompt."),
     baseline: bool = typer.Option(False, "--baseline", help=BASELINE_HELP),
+    load: LoadOptions = None,
 ) -> None:
     """Edit every sample of a benchmark, score it, and write results.csv, summary.json and report.md."""
     if out is None:
         raise BadInputError("--out DIR is required (where samples/, results.csv, summary.json and report.md go)")
     from gooddrag.app.bench.run import BenchOptions, run_bench
 
-    O.silence_libraries()
+    O.silence_libraries(default_registry())
     opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
                         metric_params=tuple(metric_param), force=force, runner=runner,
-                        runner_params=tuple(runner_param), model=model, vae=vae,
-                        preset=preset, schedule=schedule, loss=loss, tracker=tracker, params=tuple(param), lora=lora,
-                        device=device, dtype=dtype, attention=attention, seed=seed, width=width, prompts=prompts,
-                        faithful=faithful, precision=precision, low_memory=low_memory, compile=compile,
+                        runner_params=tuple(runner_param), load=load, preset=preset, schedule=schedule, loss=loss,
+                        tracker=tracker, params=tuple(param), lora=lora, seed=seed, width=width, prompts=prompts,
                         baseline=baseline)
     try:
         summary = run_bench(opts, tty=sys.stderr.isatty())
@@ -103,7 +96,7 @@ def score(
     """Score a folder of results (any method) against a benchmark; missing results are counted."""
     from gooddrag.app.bench.run import run_score
 
-    O.silence_libraries()
+    O.silence_libraries(default_registry())
     ids = [i.strip() for i in (samples or "").split(",") if i.strip()]
     summary = run_score(results_dir, dataset_dir, dataset=dataset, metrics=metrics, metric_params=metric_param, out=out,
                         limit=limit, sample_ids=ids, baseline=baseline)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import attrs
 from PIL import Image
 
-from gooddrag.core.config import DEFAULT_MODEL
+from gooddrag.core.config import EditConfig, LoadOptions
 from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.params import build_params
 from gooddrag.core.registry import Registry, default_registry
@@ -178,21 +178,13 @@ class BenchOptions:
     force: bool = False
     runner: str = "local"
     runner_params: tuple[str, ...] = ()
-    model: str = DEFAULT_MODEL
-    vae: str = "auto"
+    load: LoadOptions = attrs.field(factory=LoadOptions)
     preset: str = "gooddrag"
     schedule: str | None = None
     loss: str | None = None
     tracker: str | None = None
     params: tuple[str, ...] = ()
     lora: str = "auto"
-    device: str = "auto"
-    dtype: str = "fp32"
-    attention: str = "auto"
-    faithful: bool = False
-    precision: str = "auto"
-    low_memory: bool = False
-    compile: bool = False
     seed: int = 0
     width: int = 512
     prompts: bool = True
@@ -346,10 +338,7 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     t_start = time.perf_counter()
     # 1. everything that can be checked without a model
     cfg = resolve_config(reg, preset=opts.preset, schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
-                         overrides=list(opts.params), model=opts.model, vae=opts.vae, lora=opts.lora,
-                         device=opts.device, dtype=opts.dtype, attention=opts.attention, seed=opts.seed, faithful=opts.faithful,
-                         width=opts.width, precision=opts.precision, low_memory=opts.low_memory,
-                         compile=opts.compile)
+                         overrides=list(opts.params), load=opts.load, lora=opts.lora, seed=opts.seed, width=opts.width)
     metrics = load_metrics(reg, opts.metrics, opts.metric_params)
     runner = load_runner(reg, opts.runner, opts.runner_params)
     shard = parse_shard(opts.shard)
@@ -425,7 +414,7 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     progress = _Progress(len(pending), log, sys.stderr.isatty() if tty is None else tty,
                          show_workers=opts.runner != "local", workers=workers)
     edit_clock["start"] = time.perf_counter()
-    results = runner.run(pending, BenchWorker(opts, plugins, dataset_name, registry=reg), progress.event)
+    results = runner.run(pending, BenchWorker(opts, cfg, plugins, dataset_name, registry=reg), progress.event)
     try:
         for outcome in results:
             if isinstance(outcome, JobLost):
@@ -502,9 +491,10 @@ class BenchWorker:
     """Builds the edit function of one device (it loads the model once). Picklable, so that a runner
     can build it in another process or on another machine, where it uses that process's registry."""
 
-    def __init__(self, opts: BenchOptions, plugins: Iterable[Any], dataset_name: str,
+    def __init__(self, opts: BenchOptions, cfg: EditConfig, plugins: Iterable[Any], dataset_name: str,
                  registry: Registry | None = None):
-        self.opts, self.plugins, self.dataset_name, self.registry = opts, tuple(plugins), dataset_name, registry
+        self.opts, self.cfg, self.plugins, self.dataset_name = opts, cfg, tuple(plugins), dataset_name
+        self.registry = registry
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "registry": None}  # a plugin manager does not travel
@@ -513,20 +503,17 @@ class BenchWorker:
         from gooddrag.core.devices import describe_device
         from gooddrag.core.editor import Editor
 
-        o = self.opts
-        editor = Editor.from_pretrained(o.model, vae=o.vae, device=o.device, dtype=o.dtype, attention=o.attention,
-                                        faithful=o.faithful, precision=o.precision, low_memory=o.low_memory,
-                                        compile=o.compile,
-                                        registry=self.registry)
+        editor = Editor.from_pretrained(self.cfg.load, registry=self.registry)
         where = {"node": socket.gethostname(), "device": describe_device(editor.backbone.device)}
-        return functools.partial(_edit_one, editor, opts=o, plugins=list(self.plugins),
+        return functools.partial(_edit_one, editor, opts=self.opts, cfg=self.cfg, plugins=list(self.plugins),
                                  dataset_name=self.dataset_name, where=where)
 
 
-def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, plugins: list, dataset_name: str,
-              where: dict) -> dict:
+def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, cfg: EditConfig, plugins: list,
+              dataset_name: str, where: dict) -> dict:
     """Edit one sample; its files come back as bytes (the caller writes them atomically), failures as
     an error line."""
+    from gooddrag.core.inputs import prepare_input
     from gooddrag.plugins.outputs.files import result_files
 
     # A pair whose handle is its own target (Drag100 plants_3 has four) is not dragged: the engine
@@ -537,11 +524,8 @@ def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, plugins: list,
             raise BadInputError(f"sample {sample.id!r}: every pair has its handle on its target; nothing to drag")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GoodDragWarning)  # the sample's input notes go to run.json only
-            res = editor.edit(sample.image, [sample.pairs[i] for i in keep], sample.mask, preset=opts.preset,
-                              schedule=opts.schedule, loss=opts.loss, tracker=opts.tracker,
-                              overrides=list(opts.params), lora=opts.lora,
-                              prompt=sample.prompt if opts.prompts else "", seed=opts.seed, width=opts.width,
-                              plugins=plugins)
+            inp = prepare_input(sample.image, [sample.pairs[i] for i in keep], sample.mask, width=cfg.width)
+            res = editor.run(inp, cfg, prompt=sample.prompt if opts.prompts else "", plugins=plugins)
         finals = [[float(c) for c in h] for h, _ in sample.pairs]
         for i, f in zip(keep, res.points):
             finals[i] = list(f)

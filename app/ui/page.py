@@ -19,7 +19,7 @@ from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
 from gooddrag.app.ui.points import (compare_component, compare_update, parse_points, points_component,
                                     points_update)
-from gooddrag.core.config import STRATEGY_KINDS, resolve_config
+from gooddrag.core.config import STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.errors import BadInputError, GoodDragError
 from gooddrag.core.inputs import prepare_input
 from gooddrag.core.lora import LoraParams
@@ -50,25 +50,12 @@ CSS = """
 class UiSettings:
     """What `gooddrag ui` was started with: the model (loaded once), defaults and folders."""
 
-    model: str
-    vae: str = "auto"
-    device: str = "auto"
-    dtype: str = "fp32"
-    attention: str = "auto"
-    precision: str = "auto"
-    low_memory: bool = False
-    compile: bool = False
+    load: LoadOptions  # the editor pool's key
     width: int = 512
     lora: str = "auto"
     preset: str = "gooddrag"
     out: Path = attrs.field(converter=Path)
     samples: Path = attrs.field(converter=Path)
-
-    def key(self) -> dict[str, Any]:
-        """The load options (EditorPool's key)."""
-        return dict(vae=self.vae, device=self.device, dtype=self.dtype, attention=self.attention,
-                    precision=self.precision, low_memory=self.low_memory,
-                    compile=self.compile)
 
 
 def _doc(comp: Any) -> str:
@@ -116,7 +103,7 @@ def start_warnings(settings: UiSettings, host: str, device: str) -> list[str]:
     if not is_loopback(host):
         out.append(f"Served on {host}, not only on this machine: anyone who can reach this address can use the "
                    "editor and its compute (no login). Use --host 127.0.0.1 unless that is what you want.")
-    if device.startswith("cpu") and settings.model != "tiny-random" and (settings.lora == "auto" or settings.width > 256):
+    if device.startswith("cpu") and settings.load.model != "tiny-random" and (settings.lora == "auto" or settings.width > 256):
         out.append("Running on the CPU: with LoRA auto (training on each new image) and a working width of "
                    f"{settings.width}, one edit takes many minutes. For a quick look use Preview, LoRA off or a "
                    "width of 256.")
@@ -161,7 +148,7 @@ class Panels:
 
 
 def header_panel(settings: UiSettings, device: str, warnings_: list[str]) -> None:
-    gr.Markdown(f"## gooddrag: drag editing\nModel `{settings.model}` on **{device}** ({settings.dtype}). "
+    gr.Markdown(f"## gooddrag: drag editing\nModel `{settings.load.model}` on **{device}** ({settings.load.dtype}). "
                 "Open an image, brush the region that may change (optional), click a handle then its target "
                 "(repeat for more pairs), then Preview or Run.", elem_id="header")
     if warnings_:
@@ -256,7 +243,7 @@ def sample_panel(ui: Panels) -> None:
 def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool, host: str = "127.0.0.1") -> gr.Blocks:
     """The whole page; every registered schedule, loss and tracker gets a group of controls generated
     from its Params, shown while it is selected."""
-    device = device_words(settings.device)
+    device = device_words(settings.load.device)
     ui = Panels()
     with gr.Blocks(title="gooddrag", analytics_enabled=False) as page:
         ui.image_state = gr.State(None)  # the input image (PIL RGB) at its original size
@@ -351,7 +338,7 @@ def _options(ui: Panels, settings: UiSettings, registry: Registry, preset, sched
     options = dict(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                    lora=lora, prompt=prompt_ or "", seed=int(seed_ or 0), width=int(width_ or 0))
     cfg = resolve_config(registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
-                         lora=lora, seed=options["seed"], width=options["width"], **settings.key())
+                         load=settings.load, lora=lora, seed=options["seed"], width=options["width"])
     return options, "; ".join(reused), cfg
 
 
@@ -386,17 +373,17 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
         lora_kind = "off" if cfg.lora == "off" else "auto" if cfg.lora == "auto" else "path"
         progress = work.EditProgress(lora_mode=lora_kind, drag_budget=work.max_gradient_steps(cfg.schedule_params))
         try:
-            if not pool.loaded(settings.model, **settings.key()):
-                yield {ui.status: f"Loading `{settings.model}` (once per server)...", ui.progress: progress.html()}
+            if not pool.loaded(settings.load):
+                yield {ui.status: f"Loading `{settings.load.model}` (once per server)...", ui.progress: progress.html()}
             try:
-                editor_ = pool.get(settings.model, **settings.key())
+                editor_ = pool.get(settings.load)
             except Exception as exc:
                 yield failed(work.one_line(exc))
                 return
             yield {ui.status: f"{label}: starting" + (f" (reusing {reused})" if reused else ""),
                    ui.progress: progress.html(), ui.result_view: None, ui.files: None}
             last = 0.0
-            for ev in work.run_edit(editor_, inp, options, cancel, previews=bool(previews_),
+            for ev in work.run_edit(editor_, inp, cfg, options["prompt"], cancel, previews=bool(previews_),
                                     label=f"{label.lower()} from another tab", progress=progress):
                 kind = ev[0]
                 if kind == "queued":

@@ -3,7 +3,6 @@ edit in a worker thread with live events and cancellation, result files and "sav
 
 from __future__ import annotations
 
-import inspect
 import json
 import queue
 import re
@@ -17,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from gooddrag.core.config import EditConfig, LoadOptions
 from gooddrag.core.editor import Editor
 from gooddrag.core.errors import BadInputError, GoodDragError
 from gooddrag.core.hookspecs import hookimpl
@@ -33,41 +33,27 @@ HANDLE, TARGET = (230, 40, 40), (40, 90, 230)
 
 
 class EditorPool:
-    """One loaded :class:`Editor` per model and load options (vae, device, dtype, ...), for the server's life:
-    the model loads on the first edit and never again."""
+    """One loaded :class:`Editor` per ``LoadOptions``, for the server's life: the model loads on the first
+    edit and never again."""
 
     def __init__(self, registry: Registry):
         self.registry = registry
-        self._editors: dict[tuple, Editor] = {}
+        self._editors: dict[LoadOptions, Editor] = {}
         self._lock = threading.Lock()
 
-    #: what loading depends on, with Editor.from_pretrained's own defaults (read from its signature, so
-    #: the two cannot drift apart)
-    LOAD_DEFAULTS = {name: inspect.signature(Editor.from_pretrained).parameters[name].default
-                     for name in ("vae", "device", "dtype", "attention", "precision", "low_memory", "compile")}
-
-    def _key(self, model: str, load: dict[str, Any]) -> tuple:
-        unknown = set(load) - set(self.LOAD_DEFAULTS)
-        assert not unknown, f"unknown load options {sorted(unknown)}"
-        return (model, *(load.get(k, v) for k, v in self.LOAD_DEFAULTS.items()))
-
-    def get(self, model: str, **load: Any) -> Editor:
-        key = self._key(model, load)
+    def get(self, load: LoadOptions) -> Editor:
         with self._lock:
-            if key not in self._editors:
-                self._editors[key] = Editor.from_pretrained(model, **{**self.LOAD_DEFAULTS, **load},
-                                                            registry=self.registry)
-            return self._editors[key]
+            if load not in self._editors:
+                self._editors[load] = Editor.from_pretrained(load, registry=self.registry)
+            return self._editors[load]
 
-    def adopt(self, backbone: Any, model: str, **load: Any) -> None:
-        """Use an already loaded backbone for this key (tests share one tiny model)."""
+    def adopt(self, backbone: Any, load: LoadOptions) -> None:
+        """Use an already loaded backbone for these options (tests share one tiny model)."""
         with self._lock:
-            opts = {**self.LOAD_DEFAULTS, **load}
-            self._editors[self._key(model, load)] = Editor(backbone, self.registry, precision=opts["precision"],
-                                                           low_memory=opts["low_memory"], compile=opts["compile"])
+            self._editors[load] = Editor(backbone, self.registry, load=load)
 
-    def loaded(self, model: str, **load: Any) -> bool:
-        return self._key(model, load) in self._editors
+    def loaded(self, load: LoadOptions) -> bool:
+        return load in self._editors
 
 
 def check_image(image: Image.Image) -> Image.Image:
@@ -360,7 +346,7 @@ def device_queue(device: str) -> DeviceQueue:
         return _QUEUES.setdefault(str(device), DeviceQueue())
 
 
-def run_edit(editor: Editor, inp: EditInput, options: dict[str, Any], cancel: threading.Event,
+def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cancel: threading.Event,
              previews: bool = True, label: str = "an edit", progress: EditProgress | None = None,
              poll_s: float = 0.5) -> Iterator[tuple]:
     """Run one edit in a worker thread. While another edit holds the device, yield ``("queued",
@@ -386,7 +372,7 @@ def run_edit(editor: Editor, inp: EditInput, options: dict[str, Any], cancel: th
         try:
             if cancel.is_set():
                 raise EditCancelled("edit cancelled; nothing was written")
-            result = editor.edit(inp.image, inp, plugins=[plugin], **options)
+            result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin])
             events.put(("done", result, getattr(plugin, "frames", [])))
         except BaseException as exc:  # handed to the page, which shows it as one line
             events.put(("error", exc))
