@@ -327,8 +327,9 @@ def _options(ui: Panels, settings: UiSettings, registry: Registry, preset, sched
         i += len(pc.controls)
         if chosen[kind] == name:
             overrides[kind] = pc.overrides(list(vals))
-    overrides["lora"] = ui.lora_pc.overrides(list(values[i:]))
     lora = (path or "").strip() if mode == "path" else mode
+    if lora != "off":  # the LoRA's settings mean nothing (and say so in run.json) when it is off
+        overrides["lora"] = ui.lora_pc.overrides(list(values[i:]))
     if mode == "path" and not lora:
         raise BadInputError("LoRA 'path' is selected but no path is given; type one or pick auto/off")
     reused = []
