@@ -194,7 +194,7 @@ def open_section(page, title: str) -> None:
 def set_param(page, kind: str, field: str, value) -> None:
     box = page.locator(f"#param-{kind}-{field} input").first
     if not box.is_visible():
-        open_section(page, "LoRA:" if kind == "lora" else "Method and parameters")
+        open_section(page, "per image; trained once" if kind == "lora" else "Method and parameters")
     box.fill(str(value))
     box.press("Tab")
 
@@ -204,14 +204,25 @@ def download(page, name: str):
     return page.locator(f'#downloads a[href$="/{name}"]')
 
 
-def run_and_wait(page, button: str = "#run", done: str = "Run done") -> None:
+def run_and_wait(page, settings, button: str = "#run", done: str = "Run done") -> None:
+    """Click Run (or Preview) and wait until its edit is written and the page says so."""
+    before = len(runs(settings))
     page.locator(button).click()
+    wait_for_runs(settings, before + 1)
     expect(page.locator("#status")).to_contain_text(done)
     expect(download(page, "run.json")).to_be_visible()
 
 
 def runs(settings) -> list[Path]:
     return sorted(settings.out.glob("*/run.json"), key=lambda q: q.stat().st_mtime)
+
+
+def wait_for_runs(settings, n: int) -> None:
+    """Until the n-th edit's run.json is written (at most WAIT_MS)."""
+    end = time.monotonic() + WAIT_MS / 1000
+    while len(runs(settings)) < n:
+        assert time.monotonic() < end, f"{len(runs(settings))} edits written, waited for {n}"
+        time.sleep(0.2)
 
 
 def latest_run(settings) -> dict:
@@ -254,7 +265,7 @@ def test_fast_clicks_pairs_in_order_a_dragged_point_and_an_edit(page, server, tm
     fast(page)
     set_param(page, "schedule", "drags_per_timestep", 3)  # the parameter run.json must record
     snap(page, tmp_path, "ui-points")
-    run_and_wait(page)
+    run_and_wait(page, settings)
     snap(page, tmp_path, "ui-result")
 
     run = latest_run(settings)
@@ -323,7 +334,7 @@ def test_a_non_image_keeps_the_work_and_bad_input_shows_a_message(page, server, 
     click(page, 0.5, 0.4, "Pairs: 1:")
     fast(page)
     before = len(runs(settings))
-    run_and_wait(page)
+    run_and_wait(page, settings)
     assert len(runs(settings)) == before + 1
     expect(page.locator("#status")).not_to_contain_text("Error")  # the status says the current state only
 
@@ -339,6 +350,7 @@ def test_a_parameter_change_then_run_starts_an_edit_every_time(page, server, tmp
     for i in range(10):
         set_param(page, "schedule", "lr", f"{0.02 + 0.001 * i:.3f}")
         page.locator("#run").click()
+        wait_for_runs(settings, before + i + 1)  # the status still says the last edit's "Run done"
         expect(page.locator("#status")).to_contain_text("Run done")
         assert len(runs(settings)) == before + i + 1
         assert latest_run(settings)["config"]["schedule_params"]["lr"] == pytest.approx(0.02 + 0.001 * i)
@@ -352,7 +364,8 @@ def test_cancel_during_lora_then_run(page, server, tmp_path):
     click(page, 0.3, 0.4, "click its target")
     click(page, 0.5, 0.5, "Pairs: 1:")
     fast(page)
-    page.locator("#lora-mode").get_by_label("auto").check()
+    open_section(page, "per image; trained once")
+    page.locator("#lora-mode").get_by_text("auto", exact=True).click()
     set_param(page, "lora", "steps", 5000)  # minutes of training if it were not stopped
     set_param(page, "lora", "crop", 32)
     set_param(page, "lora", "batch_size", 1)
@@ -364,7 +377,7 @@ def test_cancel_during_lora_then_run(page, server, tmp_path):
     expect(page.locator("#status")).to_contain_text("Cancelled", timeout=5_000)
     expect(page.locator("#status")).to_contain_text("Ready.")
     before = len(runs(settings))
-    page.locator("#lora-mode").get_by_label("off").check()
+    page.locator("#lora-mode").get_by_text("off", exact=True).click()
     start = time.monotonic()
     page.locator("#run").click()
     expect(page.locator("#status")).to_contain_text("Run done")
@@ -379,7 +392,7 @@ def test_preview_runs_the_instant_preset(page, server, tmp_path):
     upload(page, EXAMPLE)
     click(page, 0.3, 0.4, "click its target")
     click(page, 0.5, 0.5, "Pairs: 1:")
-    run_and_wait(page, "#preview", "Preview done")
+    run_and_wait(page, settings, "#preview", "Preview done")
     expect(page.locator("#result img")).to_be_visible()
     assert latest_run(settings)["config"]["preset"] == "instant"
     snap(page, tmp_path, "ui-preview")
@@ -404,6 +417,6 @@ def test_a_plugin_component_gets_its_controls(page, server, tmp_path):
     click(page, 0.5, 0.4, "Pairs: 1:")
     fast(page)
     set_param(page, "tracker", "probe_window", 7)
-    run_and_wait(page)
+    run_and_wait(page, settings)
     run = latest_run(settings)
     assert run["config"]["tracker"] == "ui-probe" and run["config"]["tracker_params"]["probe_window"] == 7

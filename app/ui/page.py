@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ class Panels:
     """The page's components, by panel (filled in by the panel functions)."""
 
     image_state: Any = None
+    token: Any = None
     result_state: Any = None
     reuse_state: Any = None
     opener: Any = None
@@ -249,6 +251,7 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool, 
         ui.image_state = gr.State(None)  # the input image (PIL RGB) at its original size
         ui.result_state = gr.State(None)  # the last result: {"image": PIL, "lora": path or None}
         ui.reuse_state = gr.State(None)  # what the next edit reuses (after Drag again)
+        ui.token = gr.State(None)  # this page's id: Cancel stops the edits this page started
         header_panel(settings, device, start_warnings(settings, host, device))
         input_panels(ui)
         action_panel(ui, registry)
@@ -258,7 +261,8 @@ def build_page(settings: UiSettings, registry: Registry, pool: work.EditorPool, 
         _wire_method(ui, registry)
         _wire_run(ui, settings, registry, pool)
         _wire_sample(ui, settings)
-        page.load(lambda: "Ready.", None, ui.status, show_progress="hidden")  # the page's events are connected
+        page.load(lambda: ("Ready.", uuid.uuid4().hex), None, [ui.status, ui.token],
+                  show_progress="hidden")  # the page's events are connected
     return page
 
 
@@ -354,7 +358,7 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
         return {ui.status: f"**Error:** {msg}", ui.progress: progress_html or idle}
 
     def edit(image, points_value, ed, preset, schedule, loss, tracker, mode, path, width_, seed_, prompt_,
-             previews_, reuse, values, request, label: str):
+             previews_, reuse, values, token, label: str):
         if image is None:
             yield failed("no image: open one first")
             return
@@ -368,7 +372,7 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
         except GoodDragError as exc:
             yield failed(work.one_line(exc))
             return
-        session = getattr(request, "session_hash", None) or "local"
+        session = token or "local"
         cancel = threading.Event()
         cancels.setdefault(session, set()).add(cancel)
         lora_kind = "off" if cfg.lora == "off" else "auto" if cfg.lora == "auto" else "path"
@@ -408,34 +412,36 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
             cancels.get(session, set()).discard(cancel)
 
     def run(image, points_value, ed, preset, schedule, loss, tracker, mode, path, width_, seed_, prompt_, previews_,
-            reuse, *values, request: gr.Request = None):
+            reuse, token, *values):
         yield from edit(image, points_value, ed, preset, schedule, loss, tracker, mode, path, width_, seed_, prompt_,
-                        previews_, reuse, values, request, "Run")
+                        previews_, reuse, values, token, "Run")
 
-    def preview(image, points_value, ed, mode, path, width_, seed_, prompt_, previews_, reuse,
-                request: gr.Request = None):
+    def preview(image, points_value, ed, mode, path, width_, seed_, prompt_, previews_, reuse, token):
         pre = registry.get("preset", PREVIEW_PRESET)
         values = [v for _, _, pc in ui.controls for v in pc.values_for(pre)] + ui.lora_pc.values_for(pre)
         yield from edit(image, points_value, ed, PREVIEW_PRESET, pre.schedule, pre.loss, pre.tracker, mode, path,
-                        width_, seed_, prompt_, previews_, reuse, values, request, "Preview")
+                        width_, seed_, prompt_, previews_, reuse, values, token, "Preview")
 
     common = dict(show_progress="hidden", concurrency_limit=8, trigger_mode="multiple", api_visibility="private")
-    run_event = ui.run_btn.click(
+    ui.run_btn.click(
         run, [ui.image_state, ui.points, ui.editor, ui.preset_dd, *ui.pickers.values(), ui.lora_mode, ui.lora_path,
-              ui.width, ui.seed, ui.prompt, ui.previews, ui.reuse_state, *all_controls], outputs, **common)
-    preview_event = ui.preview_btn.click(
+              ui.width, ui.seed, ui.prompt, ui.previews, ui.reuse_state, ui.token, *all_controls], outputs, **common)
+    ui.preview_btn.click(
         preview, [ui.image_state, ui.points, ui.editor, ui.lora_mode, ui.lora_path, ui.width, ui.seed, ui.prompt,
-                  ui.previews, ui.reuse_state], outputs, **common)
+                  ui.previews, ui.reuse_state, ui.token], outputs, **common)
 
-    def on_cancel(request: gr.Request = None):
-        events = cancels.get(getattr(request, "session_hash", None) or "local", set())
+    def on_cancel(token):
+        events = cancels.get(token or "local", set())
         for ev in list(events):
             ev.set()
         if not events:
             return "Nothing to cancel. Ready.", idle
-        return "Cancelled; nothing was written. Ready.", idle
+        return "Cancelling...", gr.skip()
 
-    ui.cancel_btn.click(on_cancel, None, [ui.status, ui.progress], cancels=[run_event, preview_event], queue=False)
+    # no gradio ``cancels=``: killing the stream leaves an "Error" pill on its outputs; the edit's own
+    # stream sees the flag, says "Cancelled" and ends (its worker stops at its next step)
+    ui.cancel_btn.click(on_cancel, ui.token, [ui.status, ui.progress], concurrency_limit=None, trigger_mode="multiple",
+                        show_progress="hidden")
 
     def on_again(result, ed):
         if result is None:

@@ -385,7 +385,13 @@ def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cance
     thread.start()
     try:
         while True:
-            ev = events.get()
+            try:
+                ev = events.get(timeout=poll_s)
+            except queue.Empty:
+                if cancel.is_set():  # the page is free at once; the worker stops at its next step
+                    yield ("error", EditCancelled("edit cancelled; nothing was written"))
+                    return
+                continue
             if progress is not None:
                 progress.update(ev)
             yield ev
