@@ -92,8 +92,8 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.plugins.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
-    from gooddrag.plugins.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
+    from gooddrag.app.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
+    from gooddrag.app.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
 
     # a new edit replaces (or removes) every name of the output set, so none may be an input
     check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
@@ -101,8 +101,8 @@ def edit(
         raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
     O.silence_libraries(reg)
     from gooddrag.core.editor import Editor
-    from gooddrag.plugins.outputs.progress import ProgressDisplay
-    from gooddrag.plugins.outputs.trace import TraceWriter
+    from gooddrag.app.outputs.progress import ProgressDisplay
+    from gooddrag.app.outputs.trace import TraceWriter
 
     editor = Editor.from_pretrained(cfg.load, registry=reg)
     if out.is_dir():

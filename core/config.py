@@ -17,7 +17,7 @@ import attrs
 
 from gooddrag.core.errors import ConfigError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
-from gooddrag.core.params import build_params, params_to_dict
+from gooddrag.core.params import build_params, params_to_dict, parse_assignments
 from gooddrag.core.registry import Registry
 
 #: compute precision of the UNet passes that dominate an edit (LoRA training, reference, drag);
@@ -138,15 +138,11 @@ class EditConfig:
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, str]]:
     """``["loss.lam=0.1", ...]`` -> ``{"loss": {"lam": "0.1"}}``; one-line errors for bad syntax."""
-    out: dict[str, dict[str, str]] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        kind, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field or not kind:
-            raise ConfigError(f"bad override {item!r}; write it as kind.field=value, e.g. loss.lam=0.1")
+    out = parse_assignments(overrides, "override", "kind.field=value, e.g. loss.lam=0.1")
+    for kind in out:
         if kind not in OVERRIDE_KINDS:
+            item = next(o for o in overrides if o.strip().startswith(f"{kind}."))
             raise ConfigError(f"bad override {item!r}: unknown kind {kind!r}; use one of {', '.join(OVERRIDE_KINDS)}")
-        out.setdefault(kind, {})[field] = value.strip()
     return out
 
 

@@ -19,6 +19,9 @@ PROJECT = "gooddrag"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: the phases of an edit, in order, as ``gooddrag_phase`` names them (core/engine.run_edit)
+PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
+
 
 # --- registration hooks ------------------------------------------------------------------------
 
@@ -111,8 +114,8 @@ def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
 
 @hookspec
 def gooddrag_phase(name: str, status: str) -> None:
-    """Called when a phase (``lora``, ``inversion``, ``reference``, ``drag``, ``finish``,
-    ``decode``) starts (status ``start``) or ends (status ``end``)."""
+    """Called when a phase (one of ``PHASES``: ``lora``, ``inversion``, ``reference``, ``drag``,
+    ``finish``, ``decode``) starts (status ``start``) or ends (status ``end``)."""
 
 
 @hookspec

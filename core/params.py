@@ -17,6 +17,19 @@ import attrs
 
 from gooddrag.core.errors import ConfigError
 
+
+def parse_assignments(items: Any, what: str, example: str) -> dict[str, dict[str, str]]:
+    """``["loss.lam=0.1", ...]`` -> ``{"loss": {"lam": "0.1"}}``: the one parser of every
+    ``name.field=value`` option (-p, --metric-param, --runner-param); one-line errors naming ``what``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field or not name:
+            raise ConfigError(f"bad {what} {item!r}; write it as {example}")
+        out.setdefault(name, {})[field] = value.strip()
+    return out
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

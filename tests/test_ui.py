@@ -10,12 +10,11 @@ import threading
 import attrs
 import numpy as np
 import pytest
-
-from gooddrag.core.config import LoadOptions
 from attrs.validators import ge, in_, le
 from PIL import Image
 
 from gooddrag.app import cli
+from gooddrag.core.config import LoadOptions
 from gooddrag.core.errors import BadInputError
 from gooddrag.core.params import p, param_specs
 from gooddrag.core.registry import default_registry
@@ -119,6 +118,27 @@ def test_clicks_become_pairs_or_one_line_messages():
         pairs_from_clicks([[1, 2], [3, 4], [5, 6]])
 
 
+def test_the_ui_reads_an_image_as_the_cli_does(tmp_path):
+    """An EXIF-rotated JPEG and a 16-bit PNG give the same pixels in the editor as in `gooddrag edit`
+    (the UI once opened them with a plain Image.open: unrotated, and the 16-bit one clipped white)."""
+    from gooddrag.app.ui.work import open_image
+    from gooddrag.core.inputs import prepare_input
+
+    rng = np.random.RandomState(0)
+    jpeg = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray((rng.rand(24, 40, 3) * 255).astype("uint8")).save(jpeg, exif=exif)
+    png16 = tmp_path / "deep.png"
+    Image.fromarray((rng.rand(24, 40) * 65535).astype("uint16")).save(png16)
+    for path, size in ((jpeg, (24, 40)), (png16, (40, 24))):
+        ui = open_image(path)
+        cli = prepare_input(path, [((1, 1), (5, 5))], width=16).image
+        assert ui.size == cli.size == size, path.name  # displayed orientation
+        assert np.array_equal(np.asarray(ui), np.asarray(cli)), path.name
+    assert 60 < np.asarray(open_image(png16)).mean() < 195  # scaled, not clipped to white
+
+
 def test_huge_and_non_image_uploads_are_refused(tmp_path):
     from gooddrag.app.ui.work import MAX_SIDE, check_image, open_image
 
@@ -182,7 +202,7 @@ def test_edit_streams_previews_and_cancel_stops_it(tiny_editor, img):
     assert kinds[-1] == "done" and kinds.count("preview") == 4  # 2 timesteps x 2 drags
     assert ("phase", "drag", "start") in events
     preview = next(e for e in events if e[0] == "preview")[3]
-    assert preview.size == inp.size and len(events[-1][2]) == 4  # animation frames at the image size
+    assert preview.size == inp.size and len(events[-1][2].frames) == 1 + 4  # input + a frame per drag
 
     cancel = threading.Event()
     stream = run_edit(tiny_editor, inp, options, "", cancel)
@@ -211,5 +231,5 @@ def test_outputs_include_the_animation(tiny_editor, img, tmp_path):
     done = list(run_edit(tiny_editor, inp, cfg, "", threading.Event()))[-1]
     paths = write_outputs(tmp_path / "run", inp, done[1], done[2])
     assert [q.name for q in paths] == ["result.png", "points.png", "run.json", "drag.gif"]
-    assert Image.open(paths[3]).n_frames == 4 + 1  # a preview per drag, then the result
+    assert Image.open(paths[3]).n_frames == 1 + 4 + 1  # the input, a preview per drag, then the result
     assert json.loads(paths[2].read_text())["config"]["schedule_params"]["drag_timesteps"] == 2

@@ -277,7 +277,7 @@ def test_fast_clicks_pairs_in_order_a_dragged_point_and_an_edit(page, server, tm
     final = run["final_handles_xy"][0]
     expect(page.locator("#status")).to_contain_text(f"final handles ({final[0]}, {final[1]})")
     # the result shown in the page has the final handle marked (the marker's yellow ring)
-    from gooddrag.plugins.outputs.files import FINAL_RING
+    from gooddrag.app.outputs.draw import CURRENT as FINAL_RING
 
     src = page.locator("#result img").get_attribute("src")
     shown = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")).astype(int)

@@ -267,7 +267,7 @@ def _thumb(im: Image.Image, width: int = 360) -> Image.Image:
 def _grid(out: Path, picks: list[tuple[str, dict]], samples: dict[str, Sample], name: str, key: str) -> Path | None:
     from matplotlib.figure import Figure
 
-    from gooddrag.plugins.outputs.files import draw_points
+    from gooddrag.app.outputs.draw import draw_points
 
     panels = []
     for label, r in picks:
@@ -280,7 +280,7 @@ def _grid(out: Path, picks: list[tuple[str, dict]], samples: dict[str, Sample], 
         handles = [list(h) for h, _ in s.pairs]
         targets = [list(t) for _, t in s.pairs]
         left = _thumb(draw_points(s.image, handles, targets))
-        right = _thumb(draw_points(res, handles, targets, r["final_handles"]))
+        right = _thumb(draw_points(res, handles, targets, current=r["final_handles"]))
         panels.append((f"{label}: {r['id']}  {key}={r['scores'][name][key]:.4g}", left, right))
     if not panels:
         return None

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 from PIL import Image
 
 from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.hookspecs import PHASES
+from gooddrag.core.metrics import mean_aggregate
 from gooddrag.core.params import params_to_dict
 from gooddrag.core.samples import Sample
 
-PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 #: config fields that change the result: a resumed sample must have been made with the same values
 METHOD_FIELDS = ("model", "preset", "schedule", "loss", "tracker", "schedule_params", "loss_params",
                  "tracker_params", "lora", "lora_params", "backbone_params", "seed", "dtype", "precision", "width")
@@ -284,8 +285,6 @@ def _aggregate(metric: Any, rows: list[dict]) -> dict[str, float]:
         return {}
     agg = getattr(metric, "aggregate", None)
     if agg is None:
-        from gooddrag.plugins.metrics.dai import mean_aggregate
-
         return mean_aggregate(per)
     return {k: float(v) for k, v in agg(per).items()}
 

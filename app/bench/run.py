@@ -36,7 +36,7 @@ from PIL import Image
 
 from gooddrag.core.config import EditConfig, LoadOptions
 from gooddrag.core.errors import BadInputError, ConfigError, GoodDragError, GoodDragWarning
-from gooddrag.core.params import build_params
+from gooddrag.core.params import build_params, parse_assignments
 from gooddrag.core.registry import Registry, default_registry
 from gooddrag.core.runners import JobLost, RunnerEvent
 from gooddrag.core.samples import MalformedSample, Sample
@@ -123,15 +123,11 @@ def load_metrics(registry: Registry, names: str | Sequence[str], metric_params: 
         raise ConfigError("--metrics is empty; pass e.g. --metrics dai")
     if len(set(wanted)) != len(wanted):
         raise ConfigError(f"--metrics {','.join(wanted)}: a metric is listed twice")
-    given: dict[str, dict[str, str]] = {}
-    for item in metric_params:
-        key, sep, value = item.partition("=")
-        metric, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field:
-            raise ConfigError(f"bad metric parameter {item!r}; write it as metric.field=value, e.g. dai.gammas=1,5")
+    given = parse_assignments(metric_params, "metric parameter", "metric.field=value, e.g. dai.gammas=1,5")
+    for metric in given:
         if metric not in wanted:
+            item = next(i for i in metric_params if i.strip().startswith(f"{metric}."))
             raise ConfigError(f"metric parameter {item!r} is for {metric!r}, which is not in --metrics")
-        given.setdefault(metric, {})[field] = value.strip()
     out = []
     for name in wanted:
         cls = registry.get("metric", name)
@@ -145,16 +141,12 @@ def load_runner(registry: Registry, name: str, runner_params: Sequence[str] = ()
     """The runner instance; ``runner_params`` are ``name.field=value`` (e.g. ray.address=auto). Its
     ``check()`` runs here (before any model loads)."""
     cls = registry.get("runner", name)
-    given: dict[str, str] = {}
-    for item in runner_params:
-        key, sep, value = item.partition("=")
-        runner, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field:
-            raise ConfigError(f"bad runner parameter {item!r}; write it as runner.field=value, e.g. ray.address=auto")
+    parsed = parse_assignments(runner_params, "runner parameter", "runner.field=value, e.g. ray.address=auto")
+    for runner in parsed:
         if runner != name:
+            item = next(i for i in runner_params if i.strip().startswith(f"{runner}."))
             raise ConfigError(f"runner parameter {item!r} is for {runner!r}, but --runner is {name!r}")
-        given[field] = value.strip()
-    runner = cls(build_params("runner", cls, given))
+    runner = cls(build_params("runner", cls, parsed.get(name, {})))
     check = getattr(runner, "check", None)
     if check is not None:
         check()
@@ -391,7 +383,7 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
 
     out.mkdir(parents=True, exist_ok=True)
     # 2. resumed samples: reuse their edit, score (cached in scores.json)
-    from gooddrag.plugins.outputs.files import clear_partials
+    from gooddrag.app.outputs.files import clear_partials
 
     for sid, report in done_reports.items():
         row, folder = rows[sid], sample_dir(root, sid)
@@ -456,8 +448,8 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     head = [f"Dataset: {dataset_name} `{opts.dataset_dir}`, {len(samples)} samples"
             + (f" (--limit {opts.limit})" if opts.limit else "") + (f" (--shard {opts.shard})" if shard else ""),
             "",
-            f"Method: preset `{cfg.preset}` ({cfg.schedule} + {cfg.loss} + {cfg.tracker}), model `{cfg.model}`, "
-            f"lora `{cfg.lora}`, {cfg.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
+            f"Method: preset `{cfg.preset}` ({cfg.schedule} + {cfg.loss} + {cfg.tracker}), model `{cfg.load.model}`, "
+            f"lora `{cfg.lora}`, {cfg.load.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
             f"{'the samples' if opts.prompts else 'empty'}; full config in summary.json", ""]
     write_report(out, ordered, metrics, summary, by_id, "gooddrag bench report", head)
     return summary
@@ -514,7 +506,7 @@ def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, cfg: EditConfi
     """Edit one sample; its files come back as bytes (the caller writes them atomically), failures as
     an error line."""
     from gooddrag.core.inputs import prepare_input
-    from gooddrag.plugins.outputs.files import result_files
+    from gooddrag.app.outputs.files import result_files
 
     # A pair whose handle is its own target (Drag100 plants_3 has four) is not dragged: the engine
     # refuses it. Its final handle is the handle itself; every pair still counts in the metrics.
@@ -546,7 +538,7 @@ def _edit_one(editor: Any, sample: Sample, *, opts: BenchOptions, cfg: EditConfi
 
 def _store(folder: Path, files: dict[str, bytes]) -> None:
     """One sample's files, all or none (a killed earlier attempt may have left a staging folder)."""
-    from gooddrag.plugins.outputs.files import clear_partials, staging, write_files
+    from gooddrag.app.outputs.files import clear_partials, staging, write_files
 
     clear_partials(folder)
     with staging(folder) as tmp:

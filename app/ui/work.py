@@ -14,22 +14,23 @@ from html import escape
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from gooddrag.core.config import EditConfig, LoadOptions
 from gooddrag.core.editor import Editor
 from gooddrag.core.errors import BadInputError, GoodDragError
-from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.hookspecs import PHASES, hookimpl
 from gooddrag.core.inputs import EditInput, Pair
 from gooddrag.core.inputs import open_image as core_open_image
 from gooddrag.core.registry import Registry
-from gooddrag.plugins.outputs.files import draw_final_marker, staging, to_pil, write_result_files
+from gooddrag.app.outputs.draw import draw_points
+from gooddrag.app.outputs.files import staging, write_result_files
+from gooddrag.app.outputs.gif import GifWriter
 
 #: longest side accepted from an upload (the edit itself runs at the working width; this bounds the
 #: original-size work: mask, drawing, resizing, files)
 MAX_SIDE = 4096
 
-HANDLE, TARGET = (230, 40, 40), (40, 90, 230)
 
 
 class EditorPool:
@@ -67,16 +68,16 @@ def check_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path, name: str | None = None) -> Image.Image:
-    """An uploaded file as a checked RGB image (``core.inputs.open_image``: EXIF orientation, 16-bit,
-    animations, size limits); a one-line message naming the file, never its server path, when it is
-    not one."""
-    name = name or Path(path).name
+def open_image(path: str | Path) -> Image.Image:
+    """An uploaded file as a checked RGB image, read exactly as the CLI reads it (EXIF orientation,
+    16-bit scaling: ``core.inputs.open_image``); a one-line message naming the file when it is not one."""
+    name = Path(path).name  # the page never shows server paths
     try:
-        image = core_open_image(path, what="file")
-    except GoodDragError as exc:
-        raise BadInputError(str(exc).splitlines()[0].replace(repr(str(path)), repr(name))
-                            .replace(str(path), name)) from None
+        image = core_open_image(path)
+    except BadInputError as exc:
+        why = "has too many pixels; downscale it" if "over the limit" in str(exc) else \
+            "is not a readable image; open a PNG or JPEG file"
+        raise BadInputError(f"{name!r} {why}") from None
     return check_image(image)
 
 
@@ -109,50 +110,11 @@ def mask_from_layers(layers: Sequence[Any] | None, size: tuple[int, int]) -> np.
     return painted
 
 
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _arrow(d: ImageDraw.ImageDraw, a: Sequence[float], b: Sequence[float], width: int, head: float) -> None:
-    d.line([tuple(a), tuple(b)], fill=(255, 255, 255), width=width)
-    v = np.subtract(b, a).astype(float)
-    n = float(np.hypot(*v))
-    if n < 1e-6:
-        return
-    u, perp = v / n, np.array([-v[1], v[0]]) / n
-    base = np.asarray(b, float) - u * min(head, n)
-    d.polygon([tuple(b), tuple(base + perp * head / 2), tuple(base - perp * head / 2)], fill=(255, 255, 255))
-
-
 def draw_clicks(image: Image.Image, points: Sequence[Sequence[float]], mask: np.ndarray | None = None,
                 finals: Sequence[Sequence[float]] | None = None) -> Image.Image:
-    """The image with the locked region dimmed, numbered handles (red) with arrows to their targets
-    (blue), a pending handle, and final handles (yellow/black rings) when given."""
-    im = image.convert("RGB")
-    if mask is not None:
-        arr = np.asarray(im).astype(np.float32)
-        arr[~mask] *= 0.45
-        im = Image.fromarray(arr.astype(np.uint8))
-    else:
-        im = im.copy()
-    d = ImageDraw.Draw(im)
-    r = max(3, round(min(im.size) / 60))
-    font = _font(max(10, 3 * r))
-    for i in range(0, len(points), 2):
-        h = points[i]
-        if i + 1 < len(points):
-            t = points[i + 1]
-            _arrow(d, h, t, max(1, r // 2), 3 * r)
-            d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=TARGET, outline=(255, 255, 255))
-        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=HANDLE, outline=(255, 255, 255))
-        d.text((h[0] + r + 1, h[1] - 3 * r), str(i // 2 + 1), fill=(255, 255, 255), font=font,
-               stroke_width=max(1, r // 3), stroke_fill=(0, 0, 0))
-    for f in finals or []:
-        draw_final_marker(d, f, r)
-    return im
+    """The clicked points (handle, target, handle, ...) drawn numbered, the locked region dimmed, and
+    final handles when given (the shared drawing of ``app.outputs.draw``)."""
+    return draw_points(image, points[0::2], points[1::2], current=finals, numbered=True, mask=mask)
 
 
 class EditCancelled(GoodDragError):
@@ -193,27 +155,18 @@ class LiveRun:
 
 class LivePreview(LiveRun):
     """Adds a decoded preview of what the image is becoming after each drag, with the current
-    handles, to the page's queue and to the animation frames."""
+    handles, to the page's queue; the frames are the drag animation's (``GifWriter``)."""
 
     def __init__(self, events: "queue.Queue[tuple]", cancel: threading.Event, backbone: Any, inp: EditInput):
         super().__init__(events, cancel)
-        self.backbone, self.inp, self.frames = backbone, inp, []
+        self.animation = GifWriter(backbone, inp, max_side=max(inp.size))
 
     @hookimpl
     def gooddrag_preview(self, timestep, drag, x0, handles):
-        import torch
-
         self._check()
-        with torch.no_grad():
-            img = to_pil(self.backbone.decode(x0)).resize(self.inp.size, Image.BILINEAR)
-        current = self.inp.to_image_px(handles)
-        pts = [p for (_, t), h in zip(self.inp.pairs, current) for p in (h, t)]
-        frame = draw_clicks(img, pts)
-        self.frames.append(frame)
-        self.events.put(("preview", timestep, drag, frame))
+        self.events.put(("preview", timestep, drag, self.animation.add_frame(timestep, drag, x0, handles)))
 
 
-PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 PHASE_LABELS = {"lora": "LoRA", "inversion": "inversion", "reference": "reference", "drag": "drag",
                 "finish": "finish", "decode": "decode"}
 
@@ -352,8 +305,9 @@ def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cance
     """Run one edit in a worker thread. While another edit holds the device, yield ``("queued",
     behind)`` every ``poll_s``; then ``("phase", name, status)``, ``("phase_step", name, k, n)``,
     ``("step", t, n, drag)``, ``("preview", t, drag, image)`` events, then ``("done", result,
-    frames)`` or ``("error", exc)``. Closing the iterator early (the page cancelled) cancels the
-    edit; a cancelled edit stops at its next step and frees the device."""
+    animation)`` (a GifWriter, or None without previews) or ``("error", exc)``. Closing the iterator
+    early (the page cancelled) cancels the edit; a cancelled edit stops at its next step and frees
+    the device."""
     events: "queue.Queue[tuple]" = queue.Queue()
     plugin = LivePreview(events, cancel, editor.backbone, inp) if previews else LiveRun(events, cancel)
     dq = device_queue(str(editor.backbone.device))
@@ -373,7 +327,7 @@ def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cance
             if cancel.is_set():
                 raise EditCancelled("edit cancelled; nothing was written")
             result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin])
-            events.put(("done", result, getattr(plugin, "frames", [])))
+            events.put(("done", result, getattr(plugin, "animation", None)))
         except BaseException as exc:  # handed to the page, which shows it as one line
             events.put(("error", exc))
         finally:
@@ -416,17 +370,15 @@ def new_run_dir(root: Path) -> Path:
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def write_outputs(run_dir: Path, inp: EditInput, result: Any, frames: Sequence[Image.Image] = ()) -> list[Path]:
+def write_outputs(run_dir: Path, inp: EditInput, result: Any, animation: GifWriter | None = None) -> list[Path]:
     """result.png, points.png, run.json, mask.png (the brushed region, 255 = editable; only when one
     was brushed) and (with previews) drag.gif, written atomically."""
     with staging(run_dir) as tmp:
         write_result_files(tmp, inp.image, result)
         if inp.mask is not None:
             Image.fromarray(np.asarray(inp.mask, bool).astype(np.uint8) * 255, "L").save(tmp / "mask.png")
-        if frames:
-            final = draw_clicks(result.image, [p for pair in inp.pairs for p in pair], finals=result.points)
-            frames[0].save(tmp / "drag.gif", save_all=True, append_images=[*frames[1:], final],
-                           duration=[120] * len(frames) + [1500], loop=0)  # the final image stays up longer
+        if animation is not None:
+            animation.save_gif(tmp / "drag.gif", result.image, result.points)
     names = ("result.png", "points.png", "mask.png", "run.json", "drag.gif")
     return [run_dir / n for n in names if (run_dir / n).exists()]
 

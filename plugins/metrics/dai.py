@@ -28,6 +28,7 @@ from PIL import Image
 
 from gooddrag.core.errors import BadInputError
 from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.metrics import mean_aggregate
 from gooddrag.core.params import p
 from gooddrag.core.samples import Sample
 
@@ -67,19 +68,6 @@ def pair_ssd(original: np.ndarray, result: np.ndarray, handle: Sequence[float], 
     a = original[hy + y0:hy + y1 + 1, hx + x0:hx + x1 + 1]
     b = result[ty + y0:ty + y1 + 1, tx + x0:tx + x1 + 1]
     return float(np.square(a - b).sum()), (x1 - x0 + 1) * (y1 - y0 + 1)
-
-
-def mean_aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over the rows that have it (NaN values are skipped)."""
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    out = {}
-    for k in keys:
-        vals = [float(r[k]) for r in rows if k in r and r[k] is not None and np.isfinite(float(r[k]))]
-        if vals:
-            out[k] = float(np.mean(vals))
-    return out
 
 
 class Dai:

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from gooddrag.app.outputs.draw import draw_points
 from gooddrag.core.errors import BadInputError
 
 #: what :func:`write_result_files` writes
@@ -27,51 +28,10 @@ def to_pil(x: Any) -> Image.Image:
     return Image.fromarray(arr)
 
 
-#: the final-handle marker: a yellow ring between two black rings, readable on any image
-FINAL_RING, FINAL_EDGE = (255, 221, 0), (0, 0, 0)
-
-
-def _marker_widths(r: int) -> tuple[int, int]:
-    w = max(2, r // 2)
-    return w, r + 2 * w  # ring width, outer radius
-
-
-def final_marker_radius(r: int) -> int:
-    """The radius of the middle of the marker's yellow ring for point radius ``r`` (tests look there)."""
-    w, outer = _marker_widths(r)
-    return outer - w - w // 2
-
-
-def draw_final_marker(d: ImageDraw.ImageDraw, xy, r: int) -> None:
-    """A high-contrast marker at a final handle: black, yellow, black concentric rings and a black
-    dot in the centre (a green ring alone disappears on foliage and on noise)."""
-    x, y = xy[0], xy[1]
-    w, outer = _marker_widths(r)
-    for radius, width, colour in ((outer, w, FINAL_EDGE), (outer - w, w, FINAL_RING),
-                                  (outer - 2 * w, max(1, w // 2), FINAL_EDGE)):
-        d.ellipse([x - radius, y - radius, x + radius, y + radius], outline=colour, width=width)
-    c = max(1, r // 3)
-    d.ellipse([x - c, y - c, x + c, y + c], fill=FINAL_EDGE)
-
-
-def draw_points(image: Image.Image, handles, targets, finals=None) -> Image.Image:
-    """Handles red, targets blue, arrows white, final handles as high-contrast yellow/black rings."""
-    im = image.convert("RGB").copy()
-    d = ImageDraw.Draw(im)
-    r = max(3, min(im.size) // 100)
-    for h, t in zip(handles, targets):
-        d.line([tuple(h), tuple(t)], fill=(255, 255, 255), width=max(1, r // 2))
-        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=(230, 40, 40))
-        d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=(40, 90, 230))
-    for f in finals or []:
-        draw_final_marker(d, f, r)
-    return im
-
-
 def points_figure(original: Image.Image, result: Image.Image, report: dict) -> Image.Image:
     """Input with handles/targets beside the result with final handles."""
     left = draw_points(original, report["handles_xy"], report["targets_xy"])
-    right = draw_points(result, report["handles_xy"], report["targets_xy"], report["final_handles_xy"])
+    right = draw_points(result, report["handles_xy"], report["targets_xy"], current=report["final_handles_xy"])
     w, h = original.size
     fig = Image.new("RGB", (2 * w + 8, h), (255, 255, 255))
     fig.paste(left, (0, 0))

@@ -2,7 +2,7 @@
 
 Each frame shows what the image is becoming after a drag, not the noisy latent: the clean image the
 model predicts from the latent at that timestep (x0, decoded). The points are drawn on it: targets
-(blue), original handles (red), current handles (a yellow ring between black rings), an arrow from each current handle to
+(blue), original handles (red), current handles (green ring), an arrow from each current handle to
 its target, and ``t=<timestep> drag <n>`` in the top-left corner. The first frame is the input, the
 last the finished result with the final handles.
 """
@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from gooddrag.app.outputs.draw import draw_points
+from gooddrag.app.outputs.files import to_pil
 from gooddrag.core.errors import RequirementError
 from gooddrag.core.hookspecs import hookimpl
-from gooddrag.plugins.outputs.files import FINAL_RING, draw_final_marker, to_pil
 
-#: colours of the drawn points (RGB)
-TARGET, HANDLE, CURRENT, ARROW = (40, 90, 230), (230, 40, 40), FINAL_RING, (255, 255, 255)
 VIDEO_HINT = "install a video writer with pip install 'gooddrag[video]' (PyAV)"
 
 
@@ -30,28 +29,6 @@ def video_writer_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def draw_frame(image: Image.Image, handles: Sequence, targets: Sequence, current: Sequence | None = None,
-               label: str = "") -> Image.Image:
-    """One animation frame: ``image`` with targets, original handles, current handles and a label.
-    Points are [x, y] pixels of ``image``."""
-    im = image.convert("RGB").copy()
-    d = ImageDraw.Draw(im)
-    r = max(2, min(im.size) // 60)
-    ring = max(1, r // 2)
-    now = current if current is not None else handles
-    for h, t, c in zip(handles, targets, now):
-        d.line([tuple(c), tuple(t)], fill=ARROW, width=ring)
-        if current is not None:  # under the dots: the original handle stays visible where the marker starts
-            draw_final_marker(d, c, r)
-        d.ellipse([t[0] - r, t[1] - r, t[0] + r, t[1] + r], fill=TARGET)
-        d.ellipse([h[0] - r, h[1] - r, h[0] + r, h[1] + r], fill=HANDLE)
-    if label:
-        box = d.textbbox((3, 2), label)
-        d.rectangle([0, 0, box[2] + 3, box[3] + 2], fill=(0, 0, 0))
-        d.text((3, 2), label, fill=(255, 255, 255))
-    return im
 
 
 class GifWriter:
@@ -71,8 +48,8 @@ class GifWriter:
         self.size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
         self.handles = [self._px(h) for h, _ in inp.pairs]
         self.targets = [self._px(t) for _, t in inp.pairs]
-        self.frames: list[Image.Image] = [draw_frame(inp.image.resize(self.size), self.handles, self.targets,
-                                                     label="input")]
+        self.frames: list[Image.Image] = [draw_points(inp.image.resize(self.size), self.handles, self.targets,
+                                                      label="input")]
         self.n = 0
 
     def _px(self, xy: Sequence[float]) -> list[float]:
@@ -81,16 +58,26 @@ class GifWriter:
     @hookimpl
     def gooddrag_preview(self, timestep, drag, latent, x0, handles):
         self.n += 1
-        if (self.n - 1) % self.every:
-            return
-        image = to_pil(self.backbone.decode(x0)).resize(self.size, Image.BILINEAR)  # x0: (1, 4, h, w)
-        current = [self._px(p) for p in self.inp.to_image_px(handles)]  # handles: (N, 2) (row, col) grid
-        self.frames.append(draw_frame(image, self.handles, self.targets, current, f"t={timestep} drag {drag}"))
+        if not (self.n - 1) % self.every:
+            self.add_frame(timestep, drag, x0, handles)
+
+    def add_frame(self, timestep: int, drag: int, x0: Any, handles: Any) -> Image.Image:
+        """Decode the predicted clean latent x0 (1, 4, h, w) and draw the current handles (N, 2) (row,
+        col on the feature grid) on it; the frame is kept and returned."""
+        import torch
+
+        with torch.no_grad():
+            image = to_pil(self.backbone.decode(x0)).resize(self.size, Image.BILINEAR)
+        current = [self._px(p) for p in self.inp.to_image_px(handles)]
+        self.frames.append(draw_points(image, self.handles, self.targets, current=current,
+                                       label=f"t={timestep} drag {drag}"))
+        return self.frames[-1]
 
     def finish(self, final: Image.Image, final_handles: Sequence | None = None) -> list[Image.Image]:
         """All frames: input, one per drag, and the result with its final handles (image px)."""
         current = [self._px(p) for p in final_handles] if final_handles is not None else None
-        return self.frames + [draw_frame(final.resize(self.size), self.handles, self.targets, current, "result")]
+        return self.frames + [draw_points(final.resize(self.size), self.handles, self.targets, current=current,
+                                          label="result")]
 
     def save_gif(self, path: Path, final: Image.Image, final_handles: Sequence | None = None,
                  ms: int = 120) -> None:
