@@ -46,6 +46,7 @@ def _main(
 @app.command()
 @O.with_load_options
 def edit(
+    ctx: typer.Context,
     image: Path = typer.Argument(..., help="Input image (PNG/JPEG)."),
     points: List[str] = typer.Option([], "--points", help="A pair HX,HY:TX,TY in image pixels (repeatable)."),
     points_file: Optional[Path] = typer.Option(None, "--points-file",
@@ -60,7 +61,7 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH_AUTO,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (yellow/black rings)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -77,6 +78,12 @@ def edit(
     from gooddrag.core.registry import default_registry
 
     reg = default_registry()
+    if load.backbone is not None:
+        reg.get("backbone", load.backbone)  # an unknown name: one line listing the backbones that exist
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     cfg = resolve_config(reg, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=param,
                          load=load, lora=lora, seed=seed, width=width)
     if points and points_file:
@@ -92,13 +99,20 @@ def edit(
         return
     if out is None:
         raise BadInputError("--out DIR is required (where result.png, points.png and run.json go)")
-    from gooddrag.app.outputs.files import OUTPUT_NAMES, check_output_set, clear_partials, staging, write_result_files
-    from gooddrag.app.outputs.gif import VIDEO_HINT, GifWriter, video_writer_available
+    from gooddrag.app.outputs.files import OUTPUT_NAMES, check_output_set, output_lock
+    from gooddrag.app.outputs.gif import VIDEO_HINT, video_writer_available
 
     # a new edit replaces (or removes) every name of the output set, so none may be an input
-    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file})
+    check_output_set(out, OUTPUT_NAMES, {"image": image, "mask": mask, "points file": points_file,
+                                         "lora": None if lora in ("auto", "off") else lora})
     if mp4 and not video_writer_available():
         raise RequirementError(f"--mp4 needs a video writer; {VIDEO_HINT}, or drop --mp4 (--frames writes PNGs)")
+    # held until the command ends: a second edit into this --out stops here, before its model loads
+    ctx.with_resource(output_lock(out))
+    check_output_set(out, OUTPUT_NAMES, {})  # again, now that no other edit can change it
+    from gooddrag.app.outputs.files import clear_partials, staging, write_result_files
+    from gooddrag.app.outputs.gif import GifWriter
+
     O.silence_libraries(reg)
     from gooddrag.core.editor import Editor
     from gooddrag.app.outputs.progress import ProgressDisplay
@@ -113,6 +127,11 @@ def edit(
         gifw = GifWriter(editor.backbone, inp) if (gif or frames or mp4) else None
         progress = ProgressDisplay() if sys.stderr.isatty() else None
         plugins = [x for x in (tracer, gifw, progress) if x is not None]
+        from gooddrag.core.estimate import cpu_estimate
+
+        estimate = cpu_estimate(editor.backbone, reg, cfg, inp.work_size)  # full-size model on a CPU only
+        if estimate:
+            typer.echo(estimate, err=True)
         try:
             result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
         finally:
@@ -162,7 +181,8 @@ def plugins(params: bool = typer.Option(False, "--params", help="Also list every
             row = [kind, name, reg.owner(kind, name), escape(_first_paragraph(doc))]
             if params:
                 if kind == "preset":
-                    row.append(f"{comp.schedule} + {comp.loss} + {comp.tracker}; " + json.dumps(dict(comp.params)))
+                    parts = (comp.schedule, comp.loss, comp.tracker)
+                    row.append(" + ".join(x for x in parts if x) + "; " + json.dumps(dict(comp.params)))
                 else:
                     row.append(escape("\n".join(f"{f} = {d} - {h}" for f, _, d, h in describe_params(comp)))
                                or "(none)")
@@ -268,6 +288,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         typer.echo(f"error: {exc}", err=True)
         return 2
+    except OSError as exc:  # disk full, file too large, read-only, ...: the file and the cause, in one line
+        if debug or not exc.strerror:
+            raise
+        where = f"cannot write {exc.filename}: " if exc.filename and exc.errno in _write_errnos() else (
+            f"{exc.filename}: " if exc.filename else "")
+        typer.echo(f"error: {where}{exc.strerror}", err=True)
+        return 1
     except Exception as exc:
         if debug:
             raise
@@ -277,6 +304,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return exc.exit_code
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         return 1
+
+
+def _write_errnos() -> set[int]:
+    from gooddrag.app.outputs.files import WRITE_ERRNOS
+
+    return WRITE_ERRNOS
 
 
 def run() -> None:

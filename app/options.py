@@ -20,7 +20,7 @@ def with_load_options(command: Callable) -> Callable:
     """Replace the command's ``load: LoadOptions`` parameter by one ``--flag`` per LoadOptions field."""
     sig = inspect.signature(command)
     fields = attrs.fields(LoadOptions)
-    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(f),
                                default=typer.Option(f.default, f.metadata.get("flag") or f"--{f.name}",
                                                     help=f.metadata["help"]))
              for f in fields]
@@ -33,11 +33,16 @@ def with_load_options(command: Callable) -> Callable:
 
     wrapper.__signature__ = sig.replace(parameters=[*params, *extra])
     wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "load"}
-    wrapper.__annotations__.update({f.name: type(f.default) for f in fields})
+    wrapper.__annotations__.update({f.name: _annotation(f) for f in fields})
     return wrapper
 
 
-PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star.")
+def _annotation(field: Any) -> Any:
+    """The option's type for typer: its default's type; an option that defaults to None is a str."""
+    return Optional[str] if field.default is None else type(field.default)
+
+
+PRESET = typer.Option("gooddrag", "--preset", help="gooddrag, gooddrag-bench, dragdiffusion, dragdiffusion-star, instant, instant-refine (see gooddrag plugins).")
 SCHEDULE = typer.Option(None, "--schedule", help="Drag schedule (default: the preset's).")
 LOSS = typer.Option(None, "--loss", help="Motion-supervision loss (default: the preset's).")
 TRACKER = typer.Option(None, "--tracker", help="Point tracker (default: the preset's).")
@@ -46,6 +51,8 @@ PARAM = typer.Option([], "-p", "--param", help="Set a parameter as kind.field=va
 LORA = typer.Option("auto", "--lora", help="auto (train once per image, cached), off, or a LoRA path.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
 WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
+WIDTH_AUTO = typer.Option(None, "--width", help="Working width in pixels (height follows the aspect); by default "
+                          "the model's own: SD1.5 512 (the method's), SD 2.x 768, SDXL 1024.")
 OUT = typer.Option(None, "--out", help="Output folder.")
 
 
@@ -60,5 +67,5 @@ def silence_libraries(registry: Any) -> None:
             component.quiet()
 
 
-__all__ = ["with_load_options", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "SEED", "WIDTH", "OUT",
+__all__ = ["with_load_options", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "SEED", "WIDTH", "WIDTH_AUTO", "OUT",
            "List", "Optional"]

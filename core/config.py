@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from gooddrag.core.errors import ConfigError, GoodDragWarning
+from gooddrag.core.errors import ConfigError, GoodDragError, GoodDragWarning
 from gooddrag.core.lora import LoraParams
 from gooddrag.core.params import build_params, params_to_dict, parse_assignments
 from gooddrag.core.registry import Registry
@@ -29,11 +29,14 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 STRATEGY_KINDS = ("schedule", "loss", "tracker")
 OVERRIDE_KINDS = STRATEGY_KINDS + ("lora", "backbone")  # what a kind.field=value override may name
-#: the backbone used for any model that is not itself a registered backbone name (hub id, folder, file)
+#: the backbone whose parameters ``backbone.*`` overrides check when the model cannot be read before loading
 DEFAULT_BACKBONE = "stable-diffusion"
 #: LoRA settings that still matter when a trained LoRA is loaded from a path (the rest shape training)
 LORA_PATH_FIELDS = ("fuse",)
 DEVICES_HELP = "auto, cpu, cuda or cuda:<index>"
+#: what the engine can build for a schedule before it runs: the per-image LoRA, the loss, the tracker and
+#: the reference trajectory over the drag window; a schedule's ``needs`` names the ones it uses
+SCHEDULE_NEEDS = frozenset({"lora", "loss", "tracker", "reference"})
 
 
 @attrs.frozen(kw_only=True)
@@ -43,8 +46,8 @@ class Preset:
     name: str
     doc: str
     schedule: str
-    loss: str
-    tracker: str
+    loss: str | None = None  # None: the schedule needs no loss (its ``needs``)
+    tracker: str | None = None
     params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
 
@@ -73,6 +76,10 @@ class LoadOptions:
                                    "results; for GPUs with about 6 GB).", "--low-memory")
     compile: bool = _opt(False, "torch.compile the UNet's transformer blocks (the first edit of each size compiles, "
                                 "later ones run faster; a compile error falls back to eager).")
+    backbone: str | None = _opt(None, "Backbone by name (see `gooddrag plugins`); by default the one that claims the "
+                                      "model's files (model_index.json's pipeline class, a file's tensor names).")
+    model_config: str | None = _opt(None, "For a single-file .safetensors/.ckpt model: the local diffusers folder of "
+                                          "its base model, whose configs it loads with (offline).", "--model-config")
 
     def check(self) -> "LoadOptions":
         """One-line ConfigError for a value no backbone could load with (before anything loads)."""
@@ -100,8 +107,8 @@ class EditConfig:
 
     preset: str
     schedule: str
-    loss: str
-    tracker: str
+    loss: str | None  # None when the schedule needs none (then its params are None too)
+    tracker: str | None
     schedule_params: Any
     loss_params: Any
     tracker_params: Any
@@ -171,7 +178,20 @@ def resolve_config(
     resolved: dict[str, Any] = {}
     sources: dict[str, str] = {}
     notes: list[str] = []
+    needs = schedule_needs(registry.get("schedule", chosen["schedule"]))
     for kind in STRATEGY_KINDS:
+        if kind != "schedule" and kind not in needs:  # the schedule uses none: build none, say so if one was asked for
+            asked = [f"--{kind} {chosen[kind]}"] if {"loss": loss, "tracker": tracker}[kind] else []
+            asked += [f"{kind}.{k}" for k in given.get(kind, {})]
+            if asked:
+                notes.append(f"{', '.join(asked)} {'has' if len(asked) == 1 else 'have'} no effect: schedule "
+                             f"{chosen['schedule']!r} uses no {kind}")
+            chosen[kind], resolved[f"{kind}_params"] = None, None
+            sources[kind] = f"not used by schedule {chosen['schedule']}"
+            continue
+        if chosen[kind] is None:
+            raise ConfigError(f"schedule {chosen['schedule']!r} needs a {kind} and preset {preset!r} names none; "
+                              f"choose one with --{kind} NAME (see gooddrag plugins)")
         comp = registry.get(kind, chosen[kind])
         own = chosen[kind] == getattr(pre, kind)
         sources[kind] = f"preset {preset}" if own else "chosen"
@@ -190,11 +210,16 @@ def resolve_config(
     resolved["lora_params"] = built = build_params("lora", _LoraSettings, {**lora_preset, **lora_given})
     _sources(sources, "lora", built, lora_given, lora_preset, preset)
     mode = lora
+    if "lora" not in needs:
+        if mode not in ("auto", "off"):
+            notes.append(f"lora {mode} has no effect: schedule {chosen['schedule']!r} uses no LoRA")
+        lora = mode = "off"
     idle = [k for k in lora_given if mode == "off" or (mode != "auto" and k not in LORA_PATH_FIELDS)]
     if idle:
-        why = "the LoRA is off" if mode == "off" else "a trained LoRA is loaded from a path"
+        why = ("the LoRA is off" if "lora" in needs else f"schedule {chosen['schedule']!r} uses no LoRA") \
+            if mode == "off" else "a trained LoRA is loaded from a path"
         notes.append(f"{', '.join(f'lora.{k}' for k in idle)} {'has' if len(idle) == 1 else 'have'} no effect: {why}")
-    bcomp = _backbone_component(registry, backbone, load.model)
+    bcomp = _backbone_component(registry, backbone or load.backbone, load.model, load.model_config)
     if bcomp is None:
         if given.get("backbone"):
             raise ConfigError(f"backbone {backbone!r} is not registered, so backbone.* overrides cannot be checked")
@@ -208,18 +233,36 @@ def resolve_config(
                       sources=sources, notes=tuple(notes))
 
 
+def schedule_needs(component: type) -> frozenset[str]:
+    """What the engine builds for a schedule (its ``needs``; see SCHEDULE_NEEDS). A schedule that does
+    not say needs everything, as the built-in optimising schedules do."""
+    needs = getattr(component, "needs", SCHEDULE_NEEDS)
+    unknown = set(needs) - SCHEDULE_NEEDS
+    if unknown:
+        raise ConfigError(f"schedule {getattr(component, 'name', component)!r} needs {sorted(unknown)}, which the "
+                          f"engine does not know; use a subset of {sorted(SCHEDULE_NEEDS)}")
+    return frozenset(needs)
+
+
 def _sources(out: dict[str, str], kind: str, params: Any, given: Mapping, from_preset: Mapping, preset: str) -> None:
     for field in params_to_dict(params):
         out[f"{kind}.{field}"] = ("override" if field in given else f"preset {preset}" if field in from_preset
                                   else "default")
 
 
-def _backbone_component(registry: Registry, backbone: str | type | None, model: str) -> type | None:
+def _backbone_component(registry: Registry, backbone: str | type | None, model: str,
+                        config: str | None = None) -> type | None:
     """The backbone class for ``backbone`` (class or name), else the one ``model`` selects."""
     if isinstance(backbone, type):
         return backbone
-    name = backbone or (model if model in registry.names("backbone") else DEFAULT_BACKBONE)
-    return registry.get("backbone", name) if name in registry.names("backbone") else None
+    if backbone is None:
+        from gooddrag.core.backbone import select_backbone
+
+        try:  # the backbone that claims the model's files (read, not loaded)
+            return select_backbone(registry, model, config=config)[0]
+        except GoodDragError:  # a model that cannot be read here: loading says why, in one line
+            backbone = DEFAULT_BACKBONE
+    return registry.get("backbone", backbone) if backbone in registry.names("backbone") else None
 
 
 class _LoraSettings:
@@ -235,8 +278,8 @@ def _check_edit(lora: str, seed: Any, width: Any) -> None:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
     if lora not in ("auto", "off") and not Path(lora).exists():
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:

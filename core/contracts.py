@@ -43,9 +43,9 @@ class CheckedLoss:
     def __init__(self, loss: Any, name: str, plugin: str):
         self.loss, self.name, self.plugin = loss, name, plugin
 
-    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor, eps: torch.Tensor,
-                 points: Any) -> LossParts:
-        out = self.loss(ctx, z, t, feats, eps, points)
+    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
+                 eps: torch.Tensor | None) -> LossParts:
+        out = self.loss(ctx, z, t, feats, eps)
         where = f"loss {self.name!r} (plugin {self.plugin!r})"
         if not isinstance(out, LossParts):
             raise PluginError(f"{where} returned {describe(out)}; expected gooddrag.core.engine.LossParts"

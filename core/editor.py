@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import attrs
 import torch
 
-from gooddrag.core.config import DEFAULT_BACKBONE, DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, LoadOptions, resolve_config
+from gooddrag.core.backbone import capability, contract_problems, require, select_backbone
+from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, LoadOptions, resolve_config
 from gooddrag.core.devices import DTYPE_NAMES
 from gooddrag.core.engine import EditResult, run_edit
 from gooddrag.core.errors import ConfigError, GoodDragWarning
@@ -23,12 +24,7 @@ from gooddrag.core.registry import Registry, default_registry
 log = logging.getLogger("gooddrag")
 
 
-def select_backbone(registry: Registry, model: str) -> Any:
-    """A model name that is a registered backbone (e.g. ``tiny-random``) picks it; anything else
-    (hub id, folder, file) goes to the ``stable-diffusion`` backbone."""
-    if model in registry.names("backbone"):
-        return registry.get("backbone", model)
-    return registry.get("backbone", DEFAULT_BACKBONE)
+__all__ = ["Editor", "EditResult", "keyword_overrides", "select_backbone"]
 
 
 class Editor:
@@ -39,19 +35,23 @@ class Editor:
 
     def __init__(self, backbone: Any, registry: Registry | None = None, load: LoadOptions | None = None,
                  **options: Any):
+        missing = contract_problems(backbone)
+        if missing:
+            raise ConfigError(f"backbone {getattr(backbone, 'name', type(backbone).__name__)!r} does not meet the "
+                              f"backbone contract (core/backbone.py): it lacks {', '.join(missing)}")
         self.backbone = backbone
         self.registry = registry or default_registry()
         b = backbone
-        loaded = dict(model=b.model_id, vae=getattr(b, "vae_id", "auto"), device=str(b.device),
-                      dtype=DTYPE_NAMES[b.dtype], attention=b.attention)
+        loaded = dict(model=b.model_id, vae=b.vae_id, device=str(b.device), dtype=DTYPE_NAMES[b.dtype],
+                      attention=b.attention)
         #: what was asked for (``device="auto"``) and what it became (``device="cpu"``)
         self.requested = attrs.evolve(load or LoadOptions(**loaded), **options)
         self.load = attrs.evolve(self.requested, **loaded)
         if self.load.low_memory:
-            _supports(type(b), "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+            require(b, "supports_low_memory", "a low-memory mode", "low_memory (--low-memory)")
             b.set_low_memory(True)
-        if self.load.compile and not getattr(b, "compiled", False):
-            _supports(type(b), "compile", "torch.compile support", "compile (--compile)")
+        if self.load.compile and not b.compiled:
+            require(b, "supports_compile", "torch.compile support", "compile (--compile)")
             b.compile()
         self._lock = threading.Lock()
 
@@ -70,6 +70,11 @@ class Editor:
         through torch.compile (the first pass of each shape compiles; a compile error falls back to
         eager with a warning).
 
+        The backbone is the one that claims the model's files (``model_index.json``'s pipeline class, a
+        single file's tensor names), or ``backbone`` by name; what it cannot read (a prediction type
+        other than epsilon or v_prediction, a pipeline nobody takes) is refused before weights load.
+        ``model_config`` is the local diffusers folder whose configs a single-file checkpoint uses.
+
         Quiet by default: the backbone's libraries (diffusers, transformers, the hub) are set to
         errors only, without progress bars, for this process; ``verbose=True`` leaves them as they
         are. gooddrag's own warnings (``GoodDragWarning``) and log lines (logger ``gooddrag``) are not
@@ -81,24 +86,26 @@ class Editor:
                               f"({', '.join(sorted(options))})")
         load.check()  # before anything loads
         registry = registry or default_registry()
-        component = select_backbone(registry, load.model)
+        component, files = select_backbone(registry, load.model, load.backbone, load.model_config)
         if load.low_memory:
-            _supports(component, "set_low_memory", "a low-memory mode", "low_memory (--low-memory)")
+            require(component, "supports_low_memory", "a low-memory mode", "low_memory (--low-memory)")
         if load.compile:
-            _supports(component, "compile", "torch.compile support", "compile (--compile)")
-        if not verbose and callable(getattr(component, "quiet", None)):
+            require(component, "supports_compile", "torch.compile support", "compile (--compile)")
+        if not verbose:
             component.quiet()
         backbone = component.load(load.model, vae=load.vae, device=load.device, dtype=load.dtype,
-                                  attention=load.attention)
-        if not load.faithful and hasattr(backbone, "optimize"):
+                                  attention=load.attention, files=files)
+        if not load.faithful:
             backbone.optimize()
-        log.info("loaded %s on %s", load.model, backbone.device)
+        log.info("loaded %s on %s (backbone %s)", load.model, backbone.device, backbone.name)
         return cls(backbone, registry, load=load)
 
     def config(self, *, preset: str = "gooddrag", schedule: str | None = None, loss: str | None = None,
                tracker: str | None = None, overrides: Sequence[str] | dict = (), lora: str = "auto",
-               seed: int = 0, width: int = 512) -> EditConfig:
-        """Resolve an EditConfig for this editor's load options (one-line ConfigError on bad values)."""
+               seed: int = 0, width: int | None = None) -> EditConfig:
+        """Resolve an EditConfig for this editor's load options (one-line ConfigError on bad values).
+        ``width`` None: the model's own (``backbone.default_width``: SD1.5 512, SD 2.x 768, SDXL 1024)."""
+        width = self.backbone.default_width if width is None else width
         return resolve_config(self.registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker,
                               overrides=overrides, backbone=type(self.backbone), load=self.load, lora=lora,
                               seed=seed, width=width)
@@ -106,7 +113,7 @@ class Editor:
     def edit(self, image: Any, points: Sequence[Pair], mask: Any = None, *, preset: str = "gooddrag",
              schedule: str | None = None, loss: str | None = None, tracker: str | None = None,
              overrides: Sequence[str] | dict = (), lora: str = "auto", prompt: str = "", seed: int = 0,
-             width: int = 512, plugins: Iterable[Any] = (), **params: Any) -> EditResult:
+             width: int | None = None, plugins: Iterable[Any] = (), **params: Any) -> EditResult:
         """Drag ``points`` ([(handle_xy, target_xy), ...] in image px) in ``image``: a short way to
         ``editor.run(prepare_input(...), editor.config(...))``.
 
@@ -115,6 +122,7 @@ class Editor:
         ``plugins`` are objects implementing event hooks (trace, GIF, progress) for this edit only.
         """
         overrides = [*overrides, *keyword_overrides(params)] if not isinstance(overrides, dict) else overrides
+        width = self.backbone.default_width if width is None else width  # the model's own by default
         cfg = self.config(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                           lora=lora, seed=seed, width=width)
         inp = prepare_input(image, points, mask, width=width)
@@ -126,6 +134,12 @@ class Editor:
         """Run one edit of a validated input with a resolved config (``core.engine.run_edit``).
 
         Edits on one Editor run one at a time (a second thread waits for the first)."""
+        if plugins is None or isinstance(plugins, (str, bytes, dict)) or not hasattr(plugins, "__iter__"):
+            raise ConfigError(f"plugins is {plugins!r}; give a list of hook objects (e.g. [TraceWriter(path)]), "
+                              "or () for none")
+        plugins = list(plugins)
+        if any(p is None for p in plugins):
+            raise ConfigError("plugins holds None; give a list of hook objects, or () for none")
         if cfg.load not in (self.requested, self.load):
             raise ConfigError(f"this config was resolved for model {cfg.load.model!r} with other load options than "
                               f"this Editor's ({self.load.model!r}); resolve it with editor.config(...) or load an "
@@ -143,18 +157,18 @@ class Editor:
                     return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes)
                 except Exception as exc:  # a compile error the backbone could not catch (in a backward pass)
                     b = self.backbone
-                    if not (getattr(b, "compiled", False) and b.is_compile_error(exc)):
+                    if not (b.compiled and b.is_compile_error(exc)):
                         raise
                     b.fall_back_to_eager(exc)
                     return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes)
 
     def _configure_backbone(self, params: Any) -> None:
         b = self.backbone
-        if params is None or params == getattr(b, "params", params):
+        if params is None or params == b.params:
             return
-        if not hasattr(b, "configure"):
-            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} cannot change its parameters "
-                              "after loading; leave backbone.* at the defaults")
+        if not capability(b, "configurable"):
+            raise ConfigError(f"backbone {b.name!r} cannot change its parameters after loading; leave backbone.* "
+                              "at the defaults")
         b.configure(params)
 
 
@@ -164,11 +178,6 @@ def _known_load_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown load option {unknown[0]!r}; use one of {', '.join(sorted(names))}")
     return options
-
-
-def _supports(component: type, method: str, what: str, option: str) -> None:
-    if not hasattr(component, method):
-        raise ConfigError(f"backbone {getattr(component, 'name', component.__name__)!r} has no {what}; drop {option}")
 
 
 def keyword_overrides(params: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ import attrs
 import torch
 from PIL import Image
 
+from gooddrag.core.config import schedule_needs
 from gooddrag.core.ddim import start_index as _start_index
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.errors import ConfigError, DivergedError
@@ -62,7 +63,7 @@ class Outcome:
 
     latent: torch.Tensor
     next_index: int
-    reason: str  # reached | patience | schedule_end | loss_threshold
+    reason: str  # reached | patience | schedule_end | loss_threshold | warped (moved in closed form, not tracked)
     drags: int = 0
     steps: int = 0
 
@@ -75,7 +76,8 @@ class Reference:
     """
 
     def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int],
-                 patch_features: bool = False, on_step: Callable[[int, int], None] | None = None):
+                 patch_features: bool = False, passes: bool = True,
+                 on_step: Callable[[int, int], None] | None = None):
         self.backbone = backbone
         self.patch_features = patch_features  # hand out FeatureMaps (computed where read), not dense maps
         self.latents: dict[int, torch.Tensor] = {}
@@ -84,6 +86,9 @@ class Reference:
         self._cached: tuple[int, torch.Tensor] | None = None
         assert indices, "a schedule must drag on at least one timestep"
         self._latent_hw = tuple(z_start.shape[-2:])  # (h, w): the feature grid is 4x this
+        if not passes:  # a schedule that needs no reference: only the start, where the finish begins
+            self.latents[min(indices)] = z_start
+            return
         z = z_start
         with torch.no_grad():
             for k in range(min(indices), max(indices) + 1):
@@ -201,6 +206,12 @@ class DragContext:
         with torch.no_grad():
             return self.forward(z, t)[1]
 
+    def denoise(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """One plain DDIM step of z from t to the next timestep (no gradient): (1, 4, h, w)."""
+        with torch.no_grad():
+            z = z.detach()
+            return self.backbone.ddim_step(z, self.forward(z, t)[0], t)
+
     def preview(self, t: int, drag: int, z: torch.Tensor) -> None:
         """Tell preview plugins (animation, live UI) what the image is becoming after a drag: the clean
         latent predicted from ``z`` at t. Costs one UNet pass, and only when a plugin listens."""
@@ -224,6 +235,40 @@ class DragContext:
             return z.new_zeros(())
         z_prev = self.backbone.ddim_step(z, eps.to(z.dtype), t)
         return ((z_prev - self.reference.prev[t]) * (1 - self.mask)).abs().sum()
+
+
+class UNetPasses:
+    """A backbone's UNet passes so far: ``forward`` counts every pass (a batch-2 pass once, a pass
+    stopped after the feature block too), ``backward`` every backward pass that ran back through one.
+    Plain Python ints: counting costs no host sync; the engine reads them at phase edges."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+
+    def counted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a pass's input, or its output when the input takes no gradient), marked so that a
+        backward pass through it is counted; unchanged without autograd."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CountBackward.apply(x, self)
+        return x
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.forward, self.backward
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts one backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, counter: UNetPasses) -> torch.Tensor:
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.counter.backward += 1
+        return grad, None
 
 
 def grid_features(backbone: Any, lowres: torch.Tensor, latent_hw: Any, lazy: bool) -> Features:
@@ -260,19 +305,23 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
     """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step."""
     b, hook = backbone, registry.pm.hook
     events = Events(hook)
-    timer = PhaseTimer(b.device, events)
+    timer = PhaseTimer(b.device, events, getattr(b, "passes", None))
     hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
     # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
     s = Strategies.build(registry, cfg, b)
     compute = compute_dtype(b, cfg)
-    mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
+    # autocasts the UNet passes only; a schedule with no reference and no loss makes no pass to autocast,
+    # so its weights are not split (splitting and joining SD1.5's UNet costs seconds on a CPU)
+    mixed = b.mixed if compute is not None and {"reference", "loss"} & s.needs else contextlib.nullcontext
     torch.manual_seed(cfg.seed)
     b.set_prompt(prompt)
     image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
     ddim = b.sampler(cfg.schedule_params.num_inference_steps)
-    # 2. LoRA: fitted to this image once (cached on disk), loaded from a path, or off
+    # 2. LoRA: fitted to this image once (cached on disk), loaded from a path, or off (always off for a
+    #    schedule that needs none: "off" also drops a LoRA left by an earlier edit)
     with timer("lora"):
-        lora_status = b.use_lora(cfg.lora, image, cfg.lora_params, **on_step(b.use_lora, events, "lora"))
+        lora_status = b.use_lora(cfg.lora if "lora" in s.needs else "off", image, cfg.lora_params,
+                                 **on_step(b.use_lora, events, "lora"))
     # 3. inversion: z_T, the latent at the schedule's start timestep
     with timer("inversion"):
         start, indices = drag_window(s.schedule, len(ddim.timesteps))
@@ -282,7 +331,7 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
         with timer("reference"):
             mixed_span.enter_context(mixed())
             ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=s.patch_features,
-                            on_step=events.step_callback("reference"))
+                            passes="reference" in s.needs, on_step=events.step_callback("reference"))
         ctx = s.context(b, inp, ddim.timesteps, start, z_start, ref, events)
         with timer("drag"):
             out = s.schedule.run(ctx)
@@ -317,6 +366,7 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
         "compute": f"{DTYPE_NAMES[compute]} autocast" if compute is not None else cfg.load.dtype,
         "attention": b.attention,
         "timings_s": timer.times,
+        "unet_passes": timer.passes,
         "peak_memory_mb": peak_mb(b.device),
         "warnings": notes,
         "versions": versions(),
@@ -329,12 +379,14 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
 @attrs.frozen
 class Strategies:
     """The schedule, the loss and tracker (behind their first-call contract checks), and which exact
-    fast paths this backbone and these strategies allow."""
+    fast paths this backbone and these strategies allow. Only what the schedule ``needs`` is built:
+    without "loss"/"tracker" those are None."""
 
     schedule: Any
-    loss: Any  # CheckedLoss
-    tracker: Any  # CheckedTracker
+    loss: Any  # CheckedLoss or None
+    tracker: Any  # CheckedTracker or None
     raw_loss: Any
+    needs: frozenset  # what the schedule uses: lora, loss, tracker, reference (config.schedule_needs)
     fast: frozenset
     patch_features: bool  # losses and trackers read patches from a FeatureMap
     reuse_forward: bool  # the first gradient step of a timestep reuses the tracking pass (off when faithful)
@@ -343,15 +395,18 @@ class Strategies:
     def build(cls, registry: Any, cfg: Any, b: Any) -> "Strategies":
         from gooddrag.core.contracts import CheckedLoss, CheckedTracker  # they check against this module's types
 
-        raw_loss = registry.get("loss", cfg.loss)(cfg.loss_params)
-        raw_tracker = registry.get("tracker", cfg.tracker)(cfg.tracker_params)
-        fast = frozenset() if cfg.load.faithful else frozenset(getattr(b, "fast_paths", ()))
-        return cls(schedule=registry.get("schedule", cfg.schedule)(cfg.schedule_params),
-                   loss=CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
-                   tracker=CheckedTracker(raw_tracker, cfg.tracker, registry.owner("tracker", cfg.tracker)),
+        schedule = registry.get("schedule", cfg.schedule)(cfg.schedule_params)
+        needs = schedule_needs(type(schedule))
+        raw_loss = registry.get("loss", cfg.loss)(cfg.loss_params) if "loss" in needs else None
+        raw_tracker = registry.get("tracker", cfg.tracker)(cfg.tracker_params) if "tracker" in needs else None
+        fast = frozenset() if cfg.load.faithful else frozenset(b.fast_paths)
+        return cls(schedule=schedule, needs=needs,
+                   loss=None if raw_loss is None else CheckedLoss(raw_loss, cfg.loss, registry.owner("loss", cfg.loss)),
+                   tracker=None if raw_tracker is None else CheckedTracker(raw_tracker, cfg.tracker,
+                                                                           registry.owner("tracker", cfg.tracker)),
                    raw_loss=raw_loss, fast=fast, reuse_forward=not cfg.load.faithful,
                    patch_features="patch_features" in fast and all(getattr(c, "reads_patches", False)
-                                                                   for c in (raw_loss, raw_tracker)))
+                                                                   for c in (raw_loss, raw_tracker) if c is not None))
 
     def context(self, b: Any, inp: Any, timesteps: list[int], start: int, z_start: torch.Tensor,
                 ref: Reference, events: Events) -> DragContext:
@@ -369,11 +424,12 @@ class Strategies:
 
 def compute_dtype(b: Any, cfg: Any) -> torch.dtype | None:
     """The autocast dtype for this edit (set on the backbone for its LoRA training), or None."""
+    mixed = b.supports_mixed  # the contract's flag: mixed(), compute_dtype, unet_parameters()
     compute = resolve_precision(cfg.load.precision, b.device, b.dtype, cfg.load.faithful,
-                                getattr(b, "unet_parameters", lambda: 0)())
-    if not hasattr(b, "mixed"):
+                                b.unet_parameters() if mixed else 0)
+    if not mixed:
         if compute is not None and cfg.load.precision != "auto":
-            raise ConfigError(f"backbone {getattr(b, 'name', type(b).__name__)!r} has no mixed precision; "
+            raise ConfigError(f"backbone {b.name!r} has no mixed precision; "
                               "use precision fp32 (or auto)")
         return None
     b.compute_dtype = compute

@@ -29,6 +29,11 @@ class DivergedError(GoodDragError):
     """The latent stopped being finite (NaN/inf): the image would be black, so nothing is written."""
 
 
+class OutputError(GoodDragError):
+    """An output could not be written (disk full, file-size limit, read-only folder, ...): the
+    message names the path and the cause; the previous results are kept."""
+
+
 class GoodDragWarning(UserWarning):
     """Something the user should know: a request that will not do quite what was asked (a dropped
     preset value, a setting that cannot apply, a point outside the editable mask) or something that

@@ -30,10 +30,18 @@ PHASES = ("lora", "inversion", "reference", "drag", "finish", "decode")
 def gooddrag_register_schedules() -> list[type]:
     """Called once at start-up. Return drag schedule classes.
 
-    A schedule has ``Params`` and ``run(ctx) -> Outcome``: it decides at which timesteps to drag,
-    how many optimisation steps, when to track points and when to stop (see core/engine.py).
-    It also exposes ``start_index(num_steps)`` and ``drag_indices(num_steps)`` so the engine can
-    invert to the right timestep and cache the reference trajectory it will need.
+    A schedule has ``Params`` (with ``num_inference_steps`` and ``inversion_strength``: the engine
+    inverts to ``core.ddim.start_index(num_inference_steps, inversion_strength)``),
+    ``drag_indices(start, num_steps) -> list[int]`` (the timestep indices it drags on, so the engine
+    caches the reference trajectory over them) and ``run(ctx: DragContext) -> Outcome``: it decides
+    how many optimisation steps, when to track points and when to stop, denoises its own drag
+    timesteps, and returns the latent and the index the engine's finish starts from.
+
+    A class attribute ``needs`` (a frozenset, a subset of ``{"lora", "loss", "tracker", "reference"}``)
+    says what the engine must build before ``run``; a schedule without it gets all four. For what is
+    not needed the engine trains or loads nothing: ``ctx.loss`` and ``ctx.tracker`` are None, no
+    reference pass is made (``ctx.reference`` holds only the inverted latent), no ``--loss`` or
+    ``--tracker`` is asked for, and the LoRA is off. The closed-form ``warp`` schedule needs nothing.
     """
 
 
@@ -41,7 +49,9 @@ def gooddrag_register_schedules() -> list[type]:
 def gooddrag_register_losses() -> list[type]:
     """Called once at start-up. Return motion-supervision loss classes.
 
-    A loss has ``Params`` and ``__call__(ctx, z, t, feats, eps, points) -> LossParts``.
+    A loss has ``Params`` and ``__call__(ctx, z, t, feats, eps) -> LossParts`` (the points are
+    ``ctx.points``). Optional: ``uses_eps(ctx) -> bool`` (False lets the backbone stop the UNet after
+    the feature block, and eps is None) and ``reads_patches = True`` (feats may be a lazy FeatureMap).
     """
 
 
@@ -58,7 +68,8 @@ def gooddrag_register_backbones() -> list[type]:
     """Called once at start-up. Return backbone classes (a diffusion model adapter).
 
     A backbone has ``Params`` and a classmethod ``load(model, *, vae, device, dtype, attention)``
-    returning an object with encode/decode/eps_and_features/ddim_step/mutual_attention.
+    returning the loaded model adapter the engine calls (encode, decode, eps, eps_and_features,
+    sampler, ddim_step, invert, eps_mutual, use_lora, set_prompt; docs/architecture.md).
     """
 
 
@@ -109,7 +120,8 @@ def gooddrag_points_tracked(timestep: int, drag: int, points: Any) -> None:
 
 @hookspec
 def gooddrag_drag_stopped(timestep: int, reason: str) -> None:
-    """Called once when dragging ends: reason is ``reached``, ``patience`` or ``schedule_end``."""
+    """Called once when dragging ends: reason is ``reached``, ``patience``, ``schedule_end``,
+    ``loss_threshold`` or ``warped`` (the ``warp`` schedule's closed-form move, which no tracker checks)."""
 
 
 @hookspec

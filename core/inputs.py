@@ -26,6 +26,41 @@ Pair = tuple[tuple[float, float], tuple[float, float]]
 
 #: a points file is a few hundred bytes; anything far larger is not one (and must not fill memory)
 MAX_POINTS_FILE_BYTES = 1 << 20
+#: the most (handle, target) pairs one edit takes: the tracker and the loss work per pair at every
+#: drag step, and benchmarks use at most a dozen; 10,000 pairs ran 34 s before doing anything useful
+MAX_PAIRS = 100
+#: the largest image (width x height) accepted, checked from the header before decoding: the edit
+#: runs 512 px wide, and a 78 KB PNG of 9000x9000 took 2.35 GB to edit. $GOODDRAG_MAX_PIXELS sets it.
+MAX_PIXELS = 4096 * 4096
+
+
+def max_pixels() -> int:
+    """The image size limit in pixels: $GOODDRAG_MAX_PIXELS, else MAX_PIXELS (and never above
+    pillow's own decompression-bomb limit)."""
+    env = os.environ.get("GOODDRAG_MAX_PIXELS", "").strip()
+    try:
+        ours = int(env) if env else MAX_PIXELS
+    except ValueError:
+        raise BadInputError(f"GOODDRAG_MAX_PIXELS={env!r} is not a whole number of pixels; e.g. 16777216") from None
+    pillow = Image.MAX_IMAGE_PIXELS
+    return min(ours, pillow) if pillow else ours
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (json.loads would silently keep the last)."""
+
+
+def strict_json(raw: str | bytes) -> Any:
+    """``json.loads`` that refuses a key given twice in one object (DuplicateKeyError names it)."""
+    def pairs_hook(items: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for k, v in items:
+            if k in out:
+                raise DuplicateKeyError(k)
+            out[k] = v
+        return out
+
+    return json.loads(raw, object_pairs_hook=pairs_hook)
 
 
 def check_regular_file(path: str | Path, what: str) -> os.stat_result:
@@ -80,7 +115,7 @@ def open_image(path: str | Path, what: str = "image", notes: list[str] | None = 
     the first frame of an animation (said in ``notes``). Refuses, in one line, what is not a regular
     file and images over pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
     check_regular_file(path, what)
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
@@ -93,13 +128,14 @@ def open_image(path: str | Path, what: str = "image", notes: list[str] | None = 
                 out = ImageOps.exif_transpose(im) or im.copy()
     except Image.DecompressionBombError:
         raise BadInputError(f"{what} {str(path)!r} is {_size_of(path)}, over the limit of {limit} pixels "
-                            f"(a decompression bomb, or far larger than needed); downscale it") from None
+                            f"(a decompression bomb, or far larger than needed; GOODDRAG_MAX_PIXELS sets the "
+                            f"limit); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"{what} {str(path)!r} is not a readable image ({type(exc).__name__}); "
                             "pass a PNG/JPEG file") from None
     if frames > 1 and notes is not None:
         notes.append(f"{what} {str(path)!r} is animated ({frames} frames): frame 1 is used")
-    return to_8bit(out)
+    return to_8bit(out, f"{what} {str(path)!r}")
 
 
 def _size_of(path: str | Path) -> str:
@@ -116,12 +152,19 @@ def _size_of(path: str | Path) -> str:
         return "too many pixels"
 
 
-def to_8bit(im: Image.Image) -> Image.Image:
+def to_8bit(im: Image.Image, what: str = "image") -> Image.Image:
     """16/32-bit integer grayscale (``I;16*``, ``I``) -> ``L`` by scaling 0..65535 to 0..255;
-    pillow's own convert clips every value above 255 to white."""
-    if im.mode.startswith("I;16") or im.mode == "I":
+    pillow's own convert clips every value above 255 to white. Float grayscale (``F``) is read by
+    its range: 0..1 (scaled by 255), else 0..255, else 0..65535 (as 16-bit); pillow's convert
+    would turn 0..1 floats black. Values outside 0..65535 (or NaN) are refused, never clipped."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 65535:
+            raise BadInputError(f"{what} (mode {im.mode}) has values from {lo:g} to {hi:g}; give 0..1 floats, "
+                                "or 0..255 / 0..65535 integers")
+        scale = 1 / 257.0 if im.mode != "F" else (255.0 if hi <= 1 else 1.0 if hi <= 255 else 1 / 257.0)
+        return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), "L")
     return im
 
 
@@ -160,9 +203,12 @@ def load_points_file(path: str | Path) -> list[Pair]:
     """GoodDrag/Drag100 format ``{"points": [[x, y], ...]}``: handle, target, handle, target, ..."""
     raw = read_small_file(path, "points file")
     try:
-        data = json.loads(raw)
+        data = strict_json(raw)
         flat = data["points"] if isinstance(data, dict) else data
-    except (ValueError, KeyError, TypeError):
+    except DuplicateKeyError as exc:
+        raise BadInputError(f"points file {str(path)!r} gives the key {str(exc)!r} twice (only one would count); "
+                            "keep one") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise BadInputError(f"points file {str(path)!r} is not {{\"points\": [[x, y], ...]}} "
                             "(handle, target, handle, target, ...)") from None
     try:
@@ -177,11 +223,57 @@ def load_points_file(path: str | Path) -> list[Pair]:
     return [(coords[i], coords[i + 1]) for i in range(0, len(coords), 2)]
 
 
+def as_pairs(points: Any) -> list[Pair]:
+    """The API's ``points`` as float pairs: a list or tuple of ``(handle_xy, target_xy)``, or an
+    array/tensor of shape (N, 2, 2). Anything else (a generator, a flat list, a dict, a string,
+    complex or bool coordinates) is a one-line BadInputError naming ``points``."""
+    fix = "give points as [((hx, hy), (tx, ty)), ...] or an array of shape (N, 2, 2)"
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu().numpy()
+    if isinstance(points, np.ndarray):
+        if points.dtype.kind not in "iuf":
+            raise BadInputError(f"points is an array of {points.dtype}; {fix} of real numbers")
+        if points.ndim != 3 or points.shape[1:] != (2, 2):
+            raise BadInputError(f"points has shape {points.shape}; {fix}")
+        points = points.tolist()
+    if not isinstance(points, (list, tuple)):
+        raise BadInputError(f"points is a {type(points).__name__}; {fix}")
+    pairs: list[Pair] = []
+    for i, pair in enumerate(points):
+        pair = _plain(pair)
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise BadInputError(f"points[{i}] is {_show(pair)}, not a (handle, target) pair; {fix}")
+        try:
+            handle, target = point_list([_plain(q) for q in pair])
+        except ValueError:
+            flat = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in pair)
+            raise BadInputError(f"points[{i}] is {_show(pair)}, not a pair of [x, y] points with real numbers"
+                                + (" (a flat list of points? pair them)" if flat else "") + f"; {fix}") from None
+        if not all(np.isfinite(c) for c in (*handle, *target)):
+            raise BadInputError(f"points[{i}] is {_show(pair)}: a coordinate is not finite; {fix}")
+        pairs.append((handle, target))
+    return pairs
+
+
+def _plain(value: Any) -> Any:
+    """An array or tensor as nested lists (of Python numbers); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _show(value: Any) -> str:
+    return repr(value)[:40]
+
+
 def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
     """Non-empty, inside the image, handle != target."""
     w, h = size
     if not pairs:
         raise BadInputError("no points given; give at least one (handle, target) pair")
+    if len(pairs) > MAX_PAIRS:
+        raise BadInputError(f"{len(pairs)} point pairs given, over the limit of {MAX_PAIRS}; drag fewer points "
+                            "per edit (split it into several edits)")
     for i, pair in enumerate(pairs):
         for role, (x, y) in zip(("handle", "target"), pair):
             if not (0 <= x < w and 0 <= y < h):
@@ -189,6 +281,32 @@ def validate_points(pairs: Sequence[Pair], size: tuple[int, int]) -> None:
                                     f"use 0 <= x < {w}, 0 <= y < {h}")
         if tuple(pair[0]) == tuple(pair[1]):
             raise BadInputError(f"pair {i + 1}: handle equals target at {pair[0]}; move the target")
+
+
+def duplicate_pairs(pairs: Sequence[Pair]) -> list[str]:
+    """Pairs that fight each other, one note each: a pair given twice, one handle dragged to two
+    targets, and A->B with B->A (each pair's motion term pulls the same content two ways)."""
+    notes = []
+    seen: dict[tuple, int] = {}
+    handles: dict[tuple, int] = {}
+    for i, (h, t) in enumerate(pairs, 1):
+        h, t = tuple(h), tuple(t)
+        if (h, t) in seen:
+            notes.append(f"pair {i} repeats pair {seen[(h, t)]} ({_xy_text(h)} -> {_xy_text(t)}); give it once")
+            continue
+        if h in handles:
+            notes.append(f"pairs {handles[h]} and {i} drag the same handle {_xy_text(h)} to two targets; only one "
+                         "target can be reached, so give each handle once")
+        if (t, h) in seen:
+            notes.append(f"pairs {seen[(t, h)]} and {i} swap {_xy_text(h)} and {_xy_text(t)} (A->B with B->A); "
+                         "they pull the same content both ways")
+        seen[(h, t)] = i
+        handles.setdefault(h, i)
+    return notes
+
+
+def _xy_text(p: tuple) -> str:
+    return f"({p[0]:g}, {p[1]:g})"
 
 
 def working_size(size: tuple[int, int], width: int = 512) -> tuple[int, int]:
@@ -256,15 +374,21 @@ def prepare_input(image: Any, pairs: Sequence[Pair], mask: Any = None, *, width:
     img = load_image(image, what, notes) if isinstance(image, (str, Path)) else image
     if not isinstance(img, Image.Image):
         raise BadInputError("image must be a file path or a PIL image")
-    img = to_8bit(img).convert("RGB")
+    limit = max_pixels()
+    if img.size[0] * img.size[1] > limit:
+        raise BadInputError(f"{what} is {img.size[0]}x{img.size[1]}, over the limit of {limit} pixels "
+                            "(GOODDRAG_MAX_PIXELS sets it); downscale it")
+    img = to_8bit(img, what).convert("RGB")
+    pairs = as_pairs(pairs)
     validate_points(pairs, img.size)
+    notes += duplicate_pairs(pairs)
     arr = None
     if mask is None:
         notes.append("no mask given: the whole image is editable (mask term off)")
     else:
         m = load_image(mask, "mask", notes) if isinstance(mask, (str, Path)) else mask
         if isinstance(m, Image.Image):
-            m = to_8bit(m)
+            m = to_8bit(m, "mask")
             if m.size != img.size:
                 raise BadInputError(f"mask is {m.size[0]}x{m.size[1]} but the image is {img.size[0]}x{img.size[1]}; "
                                     "give a mask of the image's size (white = editable)")

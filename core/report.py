@@ -13,20 +13,35 @@ import torch
 class PhaseTimer:
     """Wall time per phase (CUDA-synchronised at the edges only) and phase events."""
 
-    def __init__(self, device: torch.device, events: Any):
+    def __init__(self, device: torch.device, events: Any, counter: Any = None):
         self.device, self.events, self.times = device, events, {}
+        self.counter = counter  # the backbone's UNet pass counter (engine.UNetPasses), or None
+        self._passes: dict[str, dict[str, int]] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self.events.phase(name, "start")
+        before = self.counter.snapshot() if self.counter is not None else None
         t0 = time.perf_counter()
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times[name] = round(time.perf_counter() - t0, 4)
+        if before is not None:  # plain Python ints: no host sync
+            fwd, bwd = (now - then for now, then in zip(self.counter.snapshot(), before))
+            self._passes[name] = {"forward": fwd, "backward": bwd}
         self.events.phase(name, "end")
+
+    @property
+    def passes(self) -> dict[str, dict[str, int]]:
+        """UNet passes per phase, ``{"lora": {"forward": n, "backward": m}, ..., "total": {...}}``; {}
+        when the backbone does not count them."""
+        if not self._passes:
+            return {}
+        total = {k: sum(p[k] for p in self._passes.values()) for k in ("forward", "backward")}
+        return {**self._passes, "total": total}
 
 
 def peak_mb(device: torch.device) -> float:

@@ -12,7 +12,7 @@ import attrs
 import torch
 from attrs.validators import ge, le
 
-from gooddrag.core.engine import DragContext, LossParts, Points
+from gooddrag.core.engine import DragContext, LossParts
 from gooddrag.core.geometry import (MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, crop_patches, motion_steps,
                                     sample_patches)
 from gooddrag.core.hookspecs import hookimpl
@@ -47,9 +47,9 @@ class InfoPreserving:
         self.weight = float((2 * params.patch_radius) ** 2)  # 64 for r1=4: the public code's weight
         self._target: tuple[torch.Tensor, torch.Tensor] | None = None  # (F0_t, its patches at p_i0)
 
-    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor, eps: torch.Tensor,
-                 points: Points) -> LossParts:
-        P = self.params
+    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
+                 eps: torch.Tensor | None) -> LossParts:
+        P, points = self.params, ctx.points
         step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
         ref = ctx.reference.features(t)  # (1, C, H/2, W/2), the same tensor for the whole timestep
         if self._target is None or self._target[0] is not ref:  # crop once per timestep, not per step

@@ -10,7 +10,7 @@ import attrs
 import torch
 from attrs.validators import ge, le
 
-from gooddrag.core.engine import DragContext, LossParts, Points
+from gooddrag.core.engine import DragContext, LossParts
 from gooddrag.core.geometry import (MAX_LAM, MAX_PATCH_RADIUS, MAX_STEP, crop_patches, motion_steps,
                                     sample_patches)
 from gooddrag.core.hookspecs import hookimpl
@@ -41,9 +41,9 @@ class PatchFollowing:
         self.params = params
         self.weight = float((2 * params.patch_radius + 1) ** 2)  # 9 for r=1
 
-    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor, eps: torch.Tensor,
-                 points: Points) -> LossParts:
-        P = self.params
+    def __call__(self, ctx: DragContext, z: torch.Tensor, t: int, feats: torch.Tensor,
+                 eps: torch.Tensor | None) -> LossParts:
+        P, points = self.params, ctx.points
         feats = feats.float()
         step, dist = motion_steps(points.handles, points.targets, P.max_step)  # (N, 2), (N,)
         target = crop_patches(feats.detach(), points.handles, P.patch_radius)  # (N, C, k, k)

@@ -21,7 +21,18 @@ DRAGDIFFUSION_STAR = Preset(
     schedule="single-step", loss="patch-following", tracker="nearest",
     params={"tracker": {"radius": 3}, "schedule": {"steps": 210}})
 
+INSTANT = Preset(
+    name="instant", doc="Instant drag: one closed-form warp of the inverted latent and a 14-step mutual-attention "
+                        "finish (20-step sampler); no LoRA, no gradient steps",
+    schedule="warp")
+
+INSTANT_REFINE = Preset(
+    name="instant-refine", doc="The instant warp as the start of GoodDrag's AlDD with fewer drags (3 timesteps x 5 "
+                               "drags x 3 steps): the warp makes the coarse move, supervision and tracking the rest",
+    schedule="aldd", loss="info-preserving", tracker="nearest",
+    params={"schedule": {"warp_start": True, "drag_timesteps": 3, "drags_per_timestep": 5}})
+
 
 @hookimpl
 def gooddrag_register_presets():
-    return [GOODDRAG, GOODDRAG_BENCH, DRAGDIFFUSION, DRAGDIFFUSION_STAR]
+    return [GOODDRAG, GOODDRAG_BENCH, DRAGDIFFUSION, DRAGDIFFUSION_STAR, INSTANT, INSTANT_REFINE]

@@ -15,6 +15,7 @@ from attrs.validators import ge, gt, le
 from gooddrag.core.engine import DragContext, Outcome, make_optimizer
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
+from gooddrag.core.warp import apply_warp
 
 
 class AlDD:
@@ -34,6 +35,7 @@ class AlDD:
         patience: int = p(10, "stop after this many drags in a row with no point moving (0 = never)", ge(0))
         loss_threshold: float = p(0.0, "stop when the loss falls below this (0 = off, as the public code)", ge(0), finite)
         fresh_tracking: bool = p(False, "track on a fresh forward pass, not on the last gradient step's (one step stale, as the official code)")
+        warp_start: bool = p(False, "start from the closed-form warp of the inverted latent (the warp schedule's move): the drags refine it")
 
     def __init__(self, params: "AlDD.Params"):
         self.params = params
@@ -41,17 +43,23 @@ class AlDD:
     def drag_indices(self, start: int, num_steps: int) -> list[int]:
         return list(range(start, min(start + self.params.drag_timesteps, num_steps)))
 
+    def drag_passes(self, start: int, num_steps: int) -> tuple[int, int, int]:
+        """At most (forwards, forward+backwards, next index): per drag timestep a tracking pass and a
+        denoising pass (plus one per drag with fresh tracking) and B x J gradient steps."""
+        P, k = self.params, len(self.drag_indices(start, num_steps))
+        return k * (2 + (P.drags_per_timestep if P.fresh_tracking else 0)), \
+            k * P.drags_per_timestep * P.steps_per_drag, start + k
+
     def run(self, ctx: DragContext) -> Outcome:
         P, pts, ev = self.params, ctx.points, ctx.events
-        z = ctx.z_start
+        z = apply_warp(ctx) if P.warp_start else ctx.z_start  # warped: handles start where the warp put them
         stalled = 0  # consecutive post-drag tracking events in which no point moved (never reset between timesteps, as the official code)
         reason, drags, steps = "schedule_end", 0, 0
         indices = self.drag_indices(ctx.start_index, len(ctx.timesteps))
         for k in range(indices[0], indices[-1] + 1):
             t = ctx.timesteps[k]
             if k not in indices:  # a subclass may drag on some timesteps only: just denoise the others
-                with torch.no_grad():
-                    z = ctx.backbone.ddim_step(z, ctx.forward(z, t)[0], t)
+                z = ctx.denoise(z, t)
                 continue
             z = z.detach().clone().requires_grad_(True)  # (1, 4, h, w) fp32
             opt = make_optimizer(z, P.lr)
@@ -65,7 +73,7 @@ class AlDD:
                     break
                 for _ in range(P.steps_per_drag):
                     eps, feats = ctx.forward(z, t, for_loss=True)
-                    parts = ctx.loss(ctx, z, t, feats, eps, pts)
+                    parts = ctx.loss(ctx, z, t, feats, eps)
                     opt.zero_grad(set_to_none=True)
                     parts.total.backward()
                     opt.step()
@@ -85,10 +93,7 @@ class AlDD:
                 ctx.preview(t, b, z)
                 if stop:
                     break
-            z = z.detach()
-            with torch.no_grad():
-                eps, _ = ctx.forward(z, t)
-                z = ctx.backbone.ddim_step(z, eps, t)
+            z = ctx.denoise(z, t)
             ctx.check_finite(z, t)
             if stop:
                 reason = stop

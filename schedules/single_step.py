@@ -35,6 +35,10 @@ class SingleStep:
     def drag_indices(self, start: int, num_steps: int) -> list[int]:
         return [start]
 
+    def drag_passes(self, start: int, num_steps: int) -> tuple[int, int, int]:
+        """At most (forwards, forward+backwards, next index): one gradient step per Adam step."""
+        return 0, self.params.steps, start
+
     def run(self, ctx: DragContext) -> Outcome:
         P, pts, ev = self.params, ctx.points, ctx.events
         k = ctx.start_index
@@ -51,7 +55,7 @@ class SingleStep:
             if pts.reached(P.reach_distance):
                 reason = "reached"
                 break
-            parts = ctx.loss(ctx, z, t, feats, eps, pts)
+            parts = ctx.loss(ctx, z, t, feats, eps)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()

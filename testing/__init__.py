@@ -26,6 +26,7 @@ from gooddrag.testing.toy import ToyBackbone
 
 __all__ = ["ContractError", "TRACK_TOLERANCE", "ToyBackbone", "build_tiny_pipeline", "load_tiny_pipeline", "tiny_pipeline_dir", "make_toy_context",
            "check_params", "check_component", "check_schedule", "check_loss", "check_tracker", "check_backbone",
+           "check_backbone_class",
            "check_metric"]
 
 
@@ -115,7 +116,7 @@ def check_loss(cls: type) -> None:
     t = ctx.timesteps[ctx.start_index]
     z = ctx.z_start.clone().requires_grad_(True)
     eps, feats = ctx.forward(z, t)
-    parts = loss(ctx, z, t, feats, eps, ctx.points)
+    parts = loss(ctx, z, t, feats, eps)
     what = f"loss {cls.name!r}"
     expect(isinstance(parts, LossParts), f"{what} return value", "LossParts(total, motion, preserve)", describe(parts))
     for field in ("total", "motion", "preserve"):
@@ -149,17 +150,47 @@ def check_schedule(cls: type) -> None:
            describe(out.latent))
     expect(out.next_index in ctx.reference.latents, f"{what} Outcome.next_index",
            f"a reference index in {sorted(ctx.reference.latents)} (start .. last drag + 1)", out.next_index)
-    reasons = {"reached", "patience", "schedule_end", "loss_threshold"}
+    reasons = {"reached", "patience", "schedule_end", "loss_threshold", "warped"}
     expect(out.reason in reasons, f"{what} Outcome.reason", f"one of {sorted(reasons)}", repr(out.reason))
 
 
+def check_backbone_class(cls: type) -> None:
+    """A backbone class has Params, a ``claims(files)`` classmethod that answers a bool, and a
+    ``load`` that accepts what was read (``files=``)."""
+    import inspect
+
+    from gooddrag.core.backbone import ModelFiles
+
+    check_params("backbone", cls)
+    claims = getattr(cls, "claims", None)
+    expect(callable(claims), f"backbone {cls.name!r}.claims", "a classmethod claims(files) -> bool", repr(claims))
+    answer = claims(ModelFiles("nobody/claims-this", "name", pipeline_class="NoSuchPipeline"))
+    expect(isinstance(answer, bool), f"backbone {cls.name!r}.claims(files)", "a bool", describe(answer))
+    load = getattr(cls, "load", None)
+    params = inspect.signature(load).parameters if callable(load) else {}
+    expect("files" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()),
+           f"backbone {cls.name!r}.load", "a classmethod load(model, *, vae, device, dtype, attention, files)",
+           f"parameters {list(params)}")
+
+
 def check_backbone(backbone: Any) -> None:
-    """Shapes and behaviour of a loaded backbone on a small image."""
+    """A loaded backbone meets the contract of core/backbone.py (methods, attributes, the methods
+    its capability flags promise), and its shapes and behaviour hold on a small image."""
+    from gooddrag.core.backbone import contract_problems
+    from gooddrag.core.ddim import PREDICTION_TYPES
+
+    missing = contract_problems(backbone)
+    expect(not missing, f"backbone {getattr(backbone, 'name', type(backbone).__name__)!r}",
+           "everything of the backbone contract", f"no {', '.join(missing)}")
+    expect(isinstance(backbone.default_width, int) and backbone.default_width % 8 == 0, "default_width",
+           "an int multiple of 8", repr(backbone.default_width))
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     z = backbone.encode(image.to(backbone.device))
     expect(z.shape == (1, 4, 8, 8) and z.dtype == torch.float32, "encode(1x3x64x64)", "float32 (1, 4, 8, 8)",
            describe(z))
     ddim = backbone.sampler(10)
+    expect(ddim.prediction_type in PREDICTION_TYPES, "sampler(10).prediction_type", f"one of {PREDICTION_TYPES}",
+           repr(ddim.prediction_type))
     t = ddim.timesteps[2]
     eps, feats = backbone.eps_and_features(z, t)
     expect(eps.shape == z.shape, "eps_and_features eps", f"shape {tuple(z.shape)}", describe(eps))
@@ -199,7 +230,7 @@ def check_metric(cls: type, sample: Any = None, result: Image.Image | None = Non
 def check_component(kind: str, cls: type) -> None:
     """Run the contract check for one component class of ``kind``."""
     {"schedule": check_schedule, "loss": check_loss, "tracker": check_tracker, "metric": check_metric,
-     "backbone": lambda c: check_params("backbone", c), "dataset": lambda c: check_params("dataset", c),
+     "backbone": check_backbone_class, "dataset": lambda c: check_params("dataset", c),
      "runner": lambda c: check_params("runner", c)}[kind](cls)
 
 

@@ -15,14 +15,17 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core.backbone import Backbone
 from gooddrag.core.ddim import DDIM
+from gooddrag.core.engine import UNetPasses
 
 
-class ToyBackbone:
+class ToyBackbone(Backbone):
     """Features = latent (upsampled); eps = 0; no attention, no LoRA."""
 
     name = "toy"
     feature_scale = 4
+    default_width = 512
     fast_paths = frozenset({"patch_features", "features_only"})
 
     @attrs.frozen(kw_only=True)
@@ -35,6 +38,8 @@ class ToyBackbone:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self._ddim: DDIM | None = None
         self.calls = 0  # UNet-equivalent forward passes
+        self.params = self.Params()
+        self.passes = UNetPasses()  # the same, with the backward passes through them
 
     def sampler(self, num_steps: int) -> DDIM:
         if self._ddim is None or self._ddim.num_steps != num_steps:
@@ -61,13 +66,16 @@ class ToyBackbone:
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         self.calls += 1
+        self.passes.forward += 1
         return torch.zeros_like(z)
 
     def eps_and_features(self, z: torch.Tensor, t: int, upsample: bool = True, need_eps: bool = True):
+        z = self.passes.counted(z)  # a backward through this pass is counted
         if need_eps:
             eps = self.eps(z, t) + 0 * z  # keeps the graph: features and eps both depend on z
         else:
             eps, self.calls = None, self.calls + 1
+            self.passes.forward += 1
         return eps, (self.upsample_features(z, z.shape[-2:]) if upsample else z)
 
     def upsample_features(self, feats: torch.Tensor, latent_hw: Any) -> torch.Tensor:

@@ -19,9 +19,12 @@ from gooddrag.testing import random_image
 
 def test_model_name_selects_the_backbone():
     reg = default_registry()
-    assert select_backbone(reg, "tiny-random").name == "tiny-random"
-    assert select_backbone(reg, "some/hub-id").name == "stable-diffusion"
-    assert select_backbone(reg, "/models/sd15").name == "stable-diffusion"
+    assert select_backbone(reg, "tiny-random")[0].name == "tiny-random"
+    assert select_backbone(reg, str(tiny_pipeline_dir()))[0].name == "stable-diffusion"  # by its model_index.json
+    with pytest.raises(ModelNotFoundError, match="hub cannot be reached"):  # offline, not cached: one line
+        select_backbone(reg, "some/hub-id")
+    with pytest.raises(ModelNotFoundError, match="no such folder or file"):
+        select_backbone(reg, "/models/sd15")
 
 
 def test_explicit_vae_folder_is_used_and_recorded():
@@ -128,7 +131,8 @@ def test_unwritable_lora_cache_is_found_before_training(tiny_editor, tmp_path, m
     monkeypatch.setattr(lora_mod.PerImageLora, "train", lambda self, *a: (trained.append(1), real_train(self, *a)))
     res = tiny_editor.edit(random_image(32, 32, seed=12), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     assert res.report["lora"] == "trained (not cached)" and trained == [1]
-    assert any("not a writable folder" in w and "set GOODDRAG_CACHE to a writable folder" in w
+    assert any(("not a writable folder" in w or "is a file, not a folder" in w)
+               and "set GOODDRAG_CACHE to a writable folder" in w
                for w in res.report["warnings"])
 
 

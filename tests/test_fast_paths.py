@@ -93,7 +93,7 @@ def test_losses_on_a_feature_map_equal_the_dense_loss_and_gradient(name):
         z = ctx.z_start.clone().requires_grad_(True)
         eps, feats = ctx.forward(z, t, for_loss=True)
         assert isinstance(feats, FeatureMap) is patch
-        parts = loss(ctx, z, t, feats, eps, ctx.points)
+        parts = loss(ctx, z, t, feats, eps)
         parts.total.backward()
         got.append((parts.total.detach(), z.grad))
     assert torch.allclose(got[0][0], got[1][0], rtol=1e-6)

@@ -47,13 +47,13 @@ def test_info_preserving_weight_64_and_9x9_target_at_the_original_handle():
     ctx, t = _ctx_with_features(zeros)
     ones = torch.ones(1, 3, 32, 32)
     z = ctx.z_start
-    assert torch.isclose(loss(ctx, z, t, ones, z, ctx.points).motion, torch.tensor(64.0))  # 64 * mean|0 - 1|
+    assert torch.isclose(loss(ctx, z, t, ones, z).motion, torch.tensor(64.0))  # 64 * mean|0 - 1|
     # a reference perturbation 4 px from the original handle (inside 9x9) changes the loss, 5 px away does not
     for offset, changes in ((4, True), (5, False)):
         ref = zeros.clone()
         ref[0, :, 10 + offset, 8] = 81.0
         ctx.reference._cached = (t, ref)
-        value = loss(ctx, z, t, ones, z, ctx.points).motion
+        value = loss(ctx, z, t, ones, z).motion
         assert (not torch.isclose(value, torch.tensor(64.0))) == changes, offset
 
 
@@ -63,7 +63,7 @@ def test_step_is_min_4_distance_and_pairs_within_2_are_skipped():
     zeros = torch.zeros(1, 1, 32, 32)
     for target_col, centre in ((20.0, 12.0), (10.5, 10.5), (9.9, None)):
         ctx, t = _ctx_with_features(zeros, targets=((10.0, target_col),))
-        motion = loss(ctx, ctx.z_start, t, cols, ctx.z_start, ctx.points).motion
+        motion = loss(ctx, ctx.z_start, t, cols, ctx.z_start).motion
         if centre is None:  # |q - p| = 1.9 < 2: no motion term
             assert motion == 0
         else:  # moving patch centred at p + d: its mean column is the centre column
@@ -75,7 +75,7 @@ def test_patch_following_follows_the_current_handle_with_unit_steps():
     cols = torch.arange(32.0).view(1, 1, 1, 32).expand(1, 1, 32, 32).clone()
     ctx, t = _ctx_with_features(torch.zeros(1, 1, 32, 32), targets=((10.0, 20.0),), handles=((10.0, 8.0),))
     ctx.points.handles = torch.tensor([[10.0, 12.0]])  # tracking moved the handle
-    motion = loss(ctx, ctx.z_start, t, cols, ctx.z_start, ctx.points).motion
+    motion = loss(ctx, ctx.z_start, t, cols, ctx.z_start).motion
     assert torch.isclose(motion, torch.tensor(9.0 * 1.0))  # 3x3 weight 9, |12 - 13| = 1 everywhere
     assert loss.weight == 9.0
 
@@ -86,13 +86,13 @@ def test_preservation_term_uses_the_mask_and_the_reference_step():
     t = ctx.timesteps[ctx.start_index]
     z = ctx.z_start.clone()
     eps, feats = ctx.forward(z, t)
-    assert loss(ctx, z, t, feats, eps, ctx.points).preserve == 0  # unchanged latent: on the reference
+    assert loss(ctx, z, t, feats, eps).preserve == 0  # unchanged latent: on the reference
     z2 = z.clone()
     z2[..., :4] += 1.0  # editable half (mask = 1): no penalty
-    assert loss(ctx, z2, t, feats, eps, ctx.points).preserve == 0
+    assert loss(ctx, z2, t, feats, eps).preserve == 0
     z3 = z.clone()
     z3[..., 0, 6] += 1.0  # kept half (all 4 channels): penalised by |DDIM step of the change|
-    parts = loss(ctx, z3, t, feats, eps, ctx.points)
+    parts = loss(ctx, z3, t, feats, eps)
     expected = float((ctx.backbone.ddim_step(z3, eps, t)[0, :, 0, 6] - ctx.reference.prev[t][0, :, 0, 6]).abs().sum())
     assert abs(float(parts.preserve) - expected) < 1e-5
     assert torch.isclose(parts.total, parts.motion + 0.2 * parts.preserve)

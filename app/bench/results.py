@@ -109,10 +109,17 @@ def final_points(report: dict | None, n_pairs: int) -> list[list[float]] | None:
 # --- rows and scoring ---------------------------------------------------------------------------
 
 
+#: the flag of a sample whose mask has no editable pixel: the whole image is held to the input, so
+#: its scores say how well nothing moved (results.csv's ``flags`` column)
+EMPTY_MASK_FLAG = "mask has no editable pixel"
+
+
 def new_row(sample: Sample) -> dict[str, Any]:
+    mask = getattr(sample, "mask", None)
+    flags = [EMPTY_MASK_FLAG] if mask is not None and not bool(mask.any()) else []
     return {"id": sample.id, "group": sample.group, "status": "missing", "error": "", "n_pairs": len(sample.pairs),
             "scores": {}, "final_handles": None, "timings": {}, "resumed": False, "result_path": None,
-            "stop_reason": None, "final_dist_px": None, "reached": None}
+            "stop_reason": None, "final_dist_px": None, "reached": None, "flags": flags}
 
 
 def drag_outcome(row: dict, report: dict | None, sample: Sample) -> None:
@@ -264,6 +271,8 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
     header = (["id", "group", "status", "error", "n_pairs"] + [k for _, k in keys]
               + ["stop_reason", "reached", "final_dist_px", "final_handles_xy", "time_total_s"]
               + [f"time_{p}_s" for p in phases] + (["resumed"] if resumed else []))
+    flagged = any(r.get("flags") for r in rows)
+    header += ["flags"] if flagged else []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -275,7 +284,8 @@ def results_csv(rows: Sequence[dict], metrics: Sequence[Any], resumed: bool = Tr
                       fmt_cell(r.get("final_dist_px"))]
                    + [json.dumps(r["final_handles"]) if r["final_handles"] is not None else "",
                       fmt_cell(round(sum(t.values()), 4)) if t else ""]
-                   + [fmt_cell(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else []))
+                   + [fmt_cell(t.get(p)) for p in phases] + ([str(r["resumed"]).lower()] if resumed else [])
+                   + (["; ".join(r.get("flags") or [])] if flagged else []))
     return buf.getvalue()
 
 

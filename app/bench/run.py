@@ -8,9 +8,10 @@ Bench layout of ``--out DIR``::
     DIR/results.csv, summary.json, report.md, plot_*.png
 
 Lock: a run holds ``DIR/.lock`` (``fcntl.flock``) for its whole life: exclusively, or shared by the
-shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively. A second run
-on the same samples stops at once with one line naming the holder's process id, instead of deleting
-the first one's staging folders and overwriting its tables.
+shards of one run, each of which also holds ``DIR/.lock-shard-<i>-of-<n>`` exclusively and
+``DIR/.lock-of-<n>`` shared. A second run on the same samples, or a shard with another ``n``, stops
+at once with one line naming the holder's process id (or the other shard count), instead of
+deleting the first one's staging folders and overwriting its tables.
 
 Resume rule: a sample whose ``run.json`` is complete (valid JSON with ``final_handles``, next to its
 ``result.png``) is not edited again unless ``--force``; a failed or missing one is (re)tried.
@@ -309,6 +310,32 @@ def lock_out(out: Path, shard: tuple[int, int] | None, held: list) -> None:
             fh.truncate()
             fh.write(f"{os.getpid()}\n")
             fh.flush()
+    if shard is not None:
+        _one_shard_count(out, shard[1], held, start)
+
+
+def _one_shard_count(out: Path, n: int, held: list, start: int) -> None:
+    """Shards of one run split the samples the same way: a shard of ``--shard i/m`` (m != n) running
+    on the same ``out`` would edit other samples' mix and overwrite the tables, so it is refused.
+    Each shard holds ``.lock-of-<n>`` shared; a held ``.lock-of-<m>`` cannot be taken exclusively."""
+    import fcntl
+
+    fh = open(out / f".lock-of-{n}", "a+")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    held.append(fh)
+    for other in sorted(out.glob(".lock-of-*")):
+        if other.name == f".lock-of-{n}":
+            continue
+        with open(other, "a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                while len(held) > start:
+                    held.pop().close()
+                m = other.name.rsplit("-", 1)[1]
+                raise BadInputError(f"--out {str(out)!r} is in use by a gooddrag bench split into {m} shards; "
+                                    f"--shard i/{n} cannot run beside it (use the same n, or another --out)") from None
+            fcntl.flock(probe, fcntl.LOCK_UN)
 
 
 def run_bench(opts: BenchOptions, *, registry: Registry | None = None, plugins: Iterable[Any] = (),
@@ -448,8 +475,8 @@ def _run_bench(opts: BenchOptions, held: list, *, registry: Registry | None, plu
     head = [f"Dataset: {dataset_name} `{opts.dataset_dir}`, {len(samples)} samples"
             + (f" (--limit {opts.limit})" if opts.limit else "") + (f" (--shard {opts.shard})" if shard else ""),
             "",
-            f"Method: preset `{cfg.preset}` ({cfg.schedule} + {cfg.loss} + {cfg.tracker}), model `{cfg.load.model}`, "
-            f"lora `{cfg.lora}`, {cfg.load.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
+            f"Method: preset `{cfg.preset}` ({' + '.join(x for x in (cfg.schedule, cfg.loss, cfg.tracker) if x)}), "
+            f"model `{cfg.load.model}`, lora `{cfg.lora}`, {cfg.load.dtype}, width {cfg.width}, seed {cfg.seed}, prompts: "
             f"{'the samples' if opts.prompts else 'empty'}; full config in summary.json", ""]
     write_report(out, ordered, metrics, summary, by_id, "gooddrag bench report", head)
     return summary
@@ -606,6 +633,7 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
                 with contextlib.suppress(OSError, ValueError):
                     report = json.loads((path.parent / "run.json").read_text())
                 if isinstance(report, dict):
+                    _check_report_matches(report, s, path.parent / "run.json")
                     _fill_from_report(row, report, s, path.parent / "run.json")
                     cfg = report.get("config")
                     config = config or (cfg if isinstance(cfg, dict) else None)
@@ -615,9 +643,7 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
             continue
         score_row(row, mets, s, image, row["final_handles"])
     found = sum(r["status"] != "missing" for r in rows)
-    if not found:
-        log(f"warning: no result image found for any of the {len(samples)} samples in {results_dir}; "
-            "see docs/evaluation.md for the accepted layouts")
+    scored = sum(r["status"] == "ok" for r in rows)
     dataset_info = {"name": ds_name, "folder": str(dataset_dir), "selected": len(samples), "limit": limit,
                     "samples": list(sample_ids) or None}
     by_id = {s.id: s for s in samples}
@@ -628,4 +654,23 @@ def run_score(results_dir: Path, dataset_dir: Path, *, dataset: str = "auto", me
     write_tables(out, rows, mets, summary)
     write_report(out, rows, mets, summary, by_id, "gooddrag score report",
                  [f"Results: `{results_dir}`", "", f"Dataset: {ds_name} `{dataset_dir}`, {len(samples)} samples", ""])
+    if not found:
+        raise BadInputError(f"nothing could be scored: no result image found for any of the {len(samples)} samples "
+                            f"in {str(results_dir)!r}; see docs/evaluation.md for the accepted layouts")
+    if not scored:
+        raise BadInputError(f"nothing could be scored: all {found} results found in {str(results_dir)!r} failed "
+                            f"(see the error column of {out / 'results.csv'})")
     return summary
+
+
+def _check_report_matches(report: dict, sample: Sample, path: Path) -> None:
+    """Refuse a run.json that belongs to another sample (its bench sample id) or to other points
+    (its pair count): scoring it against this sample would measure the wrong drag."""
+    bench = report.get("bench") if isinstance(report.get("bench"), dict) else {}
+    other = bench.get("sample")
+    if other is not None and other != sample.id:
+        raise BadInputError(f"{path} is the run of sample {other!r}; put each result in its own sample's folder")
+    pairs = bench.get("pairs_xy") if isinstance(bench.get("pairs_xy"), list) else report.get("handles_xy")
+    if isinstance(pairs, list) and len(pairs) != len(sample.pairs):
+        raise BadInputError(f"{path} has {len(pairs)} pairs but the sample has {len(sample.pairs)}; it is the run "
+                            "of other points")

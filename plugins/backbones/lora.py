@@ -4,7 +4,12 @@ crops, cached on disk by everything that changes it, and fused into the UNet for
 A cache entry is written with the SHA-256 of its weights; an entry that is truncated, empty,
 bit-flipped or without a checksum is retrained and replaced (with a warning) instead of failing
 every later run, and a cache that cannot be written is found before training: the LoRA is then
-trained for this edit only, with a warning."""
+trained for this edit only, with a warning. The key holds what the LoRA was trained on: the image,
+the digest of the model's weights (UNet, VAE, text encoder, noise schedule; see fingerprint.py),
+the prompt, the LoRA parameters and the dtypes; never the ``--model`` string.
+
+A LoRA that changes nothing (no UNet LoRA weights, or only zeros) is refused when given as a path
+and retrained when it is a cache entry: it is never reported as loaded or cached."""
 
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core.ddim import DDIM
 from gooddrag.core.errors import BadInputError, GoodDragWarning
+from gooddrag.plugins.backbones.fingerprint import pipeline_digest, sha256_file
 
 LORA_ADAPTER = "gooddrag"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -28,18 +35,15 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 CHECKSUM_NAME = "weights.sha256"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def cache_problem(folder: Path) -> str | None:
     """Why the cache entry ``folder`` cannot be trusted, or None when its weights match the checksum
     written with them."""
     weights, checksum = folder / WEIGHTS_NAME, folder / CHECKSUM_NAME
+    if folder.is_symlink() or not folder.is_dir():
+        return "it is a file, not a folder"
     try:
         if not weights.is_file() or weights.stat().st_size == 0:
             return "its weights file is missing or empty"
@@ -54,7 +58,16 @@ def cache_problem(folder: Path) -> str | None:
 
 
 def cache_unwritable(root: Path) -> str | None:
-    """Why nothing can be cached under ``root`` (checked before training, not after), or None."""
+    """Why nothing can be cached under ``root`` (checked before training, not after), or None. A
+    file in the way is named (with the variable, when it is $GOODDRAG_CACHE itself)."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        env = os.environ.get("GOODDRAG_CACHE")
+        if env and probe == Path(env):
+            return f"GOODDRAG_CACHE={env!r} is a file, not a folder"
+        return f"{str(probe)!r} is a file, not a folder"
     try:
         root.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(dir=root, prefix=".write-test-"))
@@ -93,6 +106,10 @@ class PerImageLora:
             return "off"
         if mode != "auto":
             self.load(Path(mode))
+            if not self.changes_unet():
+                self.drop()
+                raise BadInputError(f"lora {mode!r} holds no UNet LoRA weights (it would change nothing); pass a "
+                                    "LoRA trained by gooddrag/diffusers for the UNet, auto or off")
             status = f"loaded {mode}"
         else:
             folder = cache_root() / "lora" / self.key(image, params)
@@ -102,14 +119,18 @@ class PerImageLora:
                 if problem is None:
                     try:
                         self.load(folder)
-                        status = f"cached {folder}"
+                        if self.changes_unet():
+                            status = f"cached {folder}"
+                        else:
+                            self.drop()
+                            problem = "it holds no UNet LoRA weights (it would change nothing)"
                     except Exception as exc:  # passed the checksum but cannot be loaded
                         self.drop()
                         problem = f"it cannot be loaded ({type(exc).__name__})"
                 if problem:
                     warnings.warn(f"cached LoRA {folder} is damaged: {problem}; retraining and replacing it",
                                   GoodDragWarning, stacklevel=2)
-                    shutil.rmtree(folder, ignore_errors=True)
+                    _remove(folder)
             if not status:
                 unwritable = cache_unwritable(folder.parent)
                 if unwritable:
@@ -140,12 +161,30 @@ class PerImageLora:
         return status
 
     def key(self, image: torch.Tensor, params: Any) -> str:
+        """Everything the trained LoRA depends on: the image, the model's weights (their digest, not
+        the model's name), the prompt, the LoRA parameters, the weights' and compute dtypes."""
         h = hashlib.sha256()
         h.update(image.detach().float().cpu().numpy().tobytes())
         b = self.backbone
-        compute = [str(b.compute_dtype)] if getattr(b, "compute_dtype", None) else []  # old keys stay valid in fp32
-        h.update(json.dumps([b.model_id, b.prompt, params.cache_fields(), str(b.dtype), *compute]).encode())
+        compute = [str(b.compute_dtype)] if getattr(b, "compute_dtype", None) else []
+        h.update(json.dumps(["weights", self.weights_digest(), b.prompt, params.cache_fields(), str(b.dtype),
+                             *compute]).encode())
         return h.hexdigest()[:24]
+
+    def weights_digest(self) -> str:
+        """The digest of the backbone's weights (fingerprint.py), computed once per loaded model. A
+        VAE swapped in after loading is a new object, so its digest is taken again."""
+        ids = (id(self.unet), id(self.backbone.vae), id(getattr(self.pipe, "text_encoder", None)))
+        if getattr(self, "_digest", (None, None))[0] != ids:
+            self._digest = (ids, pipeline_digest(self.pipe, store=cache_root() / "digests"))
+        return self._digest[1]
+
+    def changes_unet(self) -> bool:
+        """Whether the adapter that was just loaded changes the UNet (LoRA weights that are not all zero)."""
+        if LORA_ADAPTER not in (getattr(self.unet, "peft_config", None) or {}):
+            return False
+        ups = [q for n, q in self.unet.named_parameters() if "lora_B" in n and f".{LORA_ADAPTER}." in n]
+        return bool(ups) and bool(torch.stack([q.detach().abs().sum().float() for q in ups]).sum() > 0)
 
     def drop(self) -> None:
         if self._unfused is not None:
@@ -157,6 +196,9 @@ class PerImageLora:
             self._unfused = None
         if getattr(self.unet, "peft_config", None) and LORA_ADAPTER in self.unet.peft_config:
             self.unet.delete_adapters(LORA_ADAPTER)
+        te = getattr(self.pipe, "text_encoder", None)
+        if te is not None and LORA_ADAPTER in (getattr(te, "peft_config", None) or {}):
+            self.pipe.unload_lora_weights()  # a file with text-encoder LoRA layers: none stay behind
 
     def load(self, path: Path) -> None:
         if not path.exists():
@@ -182,6 +224,8 @@ class PerImageLora:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            _remove(folder)  # a file in the way of the entry
         try:
             os.replace(tmp, folder)
         except OSError:  # another process cached it first
@@ -202,7 +246,7 @@ class PerImageLora:
         gen = torch.Generator().manual_seed(params.seed)
         crops = _random_crops(image, params.crop, params.batch_size, gen)  # (B, 3, c, c)
         with torch.no_grad(), b.visiting(b.vae):
-            dist = b.vae.encode(crops.to(b.device, b.dtype)).latent_dist
+            dist = b.vae.encode(crops.to(b.device, b.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()  # (B, 4, c/8, c/8)
         draws = [(torch.randn(mean.shape, generator=gen), torch.randn(mean.shape, generator=gen),
                   torch.randint(0, b.num_train_timesteps, (mean.shape[0],), generator=gen))
@@ -212,8 +256,9 @@ class PerImageLora:
         fused = b.device.type == "cuda"  # one kernel for the whole AdamW update (same algorithm)
         opt = torch.optim.AdamW(lora, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay,
                                 **({"fused": True} if fused else {}))
-        emb = b.text_embedding(crops.shape[0])
-        sched = self.pipe.scheduler
+        cond = b.conditioning(crops.shape[0], mean.shape[-2:])  # the prompt (and SDXL's pooled/size inputs)
+        # only its alphas and prediction type: q(z_t | x0) and the training target (noise, or v)
+        ddim = DDIM(b.alphas_cumprod, 1, b.num_train_timesteps, prediction_type=b.prediction_type)
         compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA parameters and Adam stay fp32 either way
         checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
         if checkpointing:
@@ -221,10 +266,10 @@ class PerImageLora:
         try:
             for k in range(params.steps):
                 latents = (mean + std * posterior[k]) * b.scaling
-                noisy = sched.add_noise(latents, noises[k], ts[k])
+                noisy = ddim.add_noise(latents, noises[k], ts[k])
                 with torch.autocast(b.device.type, dtype=compute, enabled=compute != torch.float32):
-                    pred = b.run_unet(noisy.to(b.dtype), ts[k], encoder_hidden_states=emb, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noises[k])
+                    pred = b.run_unet(noisy.to(b.dtype), ts[k], **cond, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), ddim.target(latents, noises[k], ts[k]))  # noise, or v
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -236,6 +281,14 @@ class PerImageLora:
         for q in lora:
             q.requires_grad_(False)
             q.data = q.data.to(b.dtype)
+
+
+def _remove(path: Path) -> None:
+    """Remove a cache entry, whether a folder, a file or a link."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _random_crops(image: torch.Tensor, size: int, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,7 @@ Strategies see ``encode``, ``decode``, ``eps_and_features``, ``ddim_step``, ``in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from attrs.validators import ge
 
+from gooddrag.core.backbone import ModelFiles
 from gooddrag.core.config import DEFAULT_MODEL
-from gooddrag.core.ddim import DDIM
+from gooddrag.core.ddim import DDIM, check_prediction_type
 from gooddrag.core.devices import DTYPES, resolve_device
+from gooddrag.core.engine import UNetPasses
 from gooddrag.core.errors import BadInputError, GoodDragWarning, ModelNotFoundError, RequirementError
 from gooddrag.core.params import p
 from gooddrag.plugins.backbones.attention import MutualSelfAttention
@@ -42,6 +45,16 @@ class StableDiffusionBackbone:
     """Stable Diffusion 1.x/2.x through diffusers (SD1.5 by default, with the ft-MSE VAE)."""
 
     name = "stable-diffusion"
+    #: model_index.json pipeline classes this backbone takes (a single file's layout is inferred)
+    pipeline_classes = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+    claim_priority = 0  # a subclass that claims a narrower set of models sets a higher one
+    #: working width when the model's files do not say (the UNet's sample size x 8 when they do)
+    default_width = 512
+    # optional capabilities of the backbone contract (core/backbone.py)
+    supports_low_memory = True
+    supports_compile = True
+    supports_mixed = True
+    configurable = True
     #: features are the feature block's output bilinearly upsampled (align_corners=False) by this
     feature_scale = 4
     #: exact fast paths the engine may use (see DragContext): FeatureMaps, and stopping after the
@@ -60,9 +73,12 @@ class StableDiffusionBackbone:
         self.pipe = pipe
         self.unet, self.vae = pipe.unet, pipe.vae
         self.device, self.dtype, self.attention, self.model_id = device, dtype, attention, model_id
-        self.scaling = float(self.vae.config.scaling_factor)
+        self.scaling = float(self.vae.config.scaling_factor)  # SD1.x/2.x 0.18215, SDXL 0.13025
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod
+        self.prediction_type = check_prediction_type(pipe.scheduler.config.get("prediction_type", "epsilon"),
+                                                     f"model {model_id!r}")
+        self.default_width = int(self.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
         self._ddim: DDIM | None = None
         self._text: dict[str, torch.Tensor] = {}
         self._captured: torch.Tensor | None = None
@@ -74,10 +90,13 @@ class StableDiffusionBackbone:
         self.low_memory = False  # VAE and text encoder parked in host memory between their calls
         self.park = PARK
         self.compiled = False  # the UNet's transformer blocks run through torch.compile
+        self.passes = UNetPasses()  # UNet forward/backward passes so far (the run report's unet_passes)
         self._feature_hook = self.unet.up_blocks[self.params.feature_block].register_forward_hook(self._capture)
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        self.text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+        for m in self.text_encoders:
+            m.requires_grad_(False)
         self.prompt = ""
         self.vae_id = "auto"  # what --vae asked for, recorded in the config
         self.lora = PerImageLora(self)
@@ -85,14 +104,32 @@ class StableDiffusionBackbone:
     # --- loading ------------------------------------------------------------------------------
 
     @classmethod
+    def claims(cls, files: ModelFiles) -> bool:
+        """A diffusers Stable Diffusion 1.x/2.x pipeline (by its model_index.json), or a single file
+        with the original SD layout (or a .ckpt, whose tensor names are not read)."""
+        if files.pipeline_class is None:
+            return files.source == "file" and files.model.endswith(".ckpt")
+        return files.pipeline_class in cls.pipeline_classes and files.unet.get("in_channels", 4) == 4
+
+    @classmethod
     def load(cls, model: str = SD15_MODEL, *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
-             attention: str = "auto") -> "StableDiffusionBackbone":
-        """Load once per process from a hub id, a local diffusers folder or a .safetensors/.ckpt file."""
+             attention: str = "auto", files: ModelFiles | None = None) -> "StableDiffusionBackbone":
+        """Load once per process from a hub id, a local diffusers folder or a .safetensors/.ckpt file
+        (with ``files.config``, a local diffusers folder holding its configs). A prediction type the
+        sampler cannot read is refused from the scheduler config, before any weights load."""
         dev, tdtype = resolve_device(device), DTYPES[dtype]
         backend = check_attention(attention, dev)
-        pipe = _load_pipeline(model, tdtype)
+        if files is not None:
+            check_prediction_type(files.prediction_type, f"model {model!r}")
+        pipe = _load_pipeline(cls.pipeline_class(), model, tdtype, files)
         swap_vae(pipe, model, vae, tdtype)
         return cls._finish(pipe, dev, tdtype, backend, model, vae)
+
+    @staticmethod
+    def pipeline_class() -> type:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
 
     @classmethod
     def _finish(cls, pipe: Any, dev: torch.device, tdtype: torch.dtype, backend: str, model: str, vae: str = "auto"):
@@ -121,7 +158,7 @@ class StableDiffusionBackbone:
         training and drag passes have that memory to themselves. Results are unchanged: the same
         weights compute the same values, only where they wait changes."""
         self.low_memory = on
-        for m in (self.vae, self.pipe.text_encoder):
+        for m in (self.vae, *self.text_encoders):
             m.to(self.park if on else self.device)
 
     @contextlib.contextmanager
@@ -183,17 +220,25 @@ class StableDiffusionBackbone:
             tb = tb.tb_next
         return False
 
-    def run_unet(self, *args: Any, **kwargs: Any) -> Any:
-        """``unet(*args, **kwargs)``; with compiled blocks, a compile error in the forward pass falls back
-        to eager and the pass runs again (a pass changes no state; its autograd graph is dropped). A
-        compile error in a backward pass reaches the Editor, which falls back and redoes the edit."""
+    def run_unet(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``unet(x, *args, **kwargs)``, counted in ``passes``; with compiled blocks, a compile error in
+        the forward pass falls back to eager and the pass runs again (a pass changes no state; its
+        autograd graph is dropped). A compile error in a backward pass reaches the Editor, which falls
+        back and redoes the edit."""
+        self.passes.forward += 1
+        into_input = x.requires_grad  # a drag step: count the backward at the input
+        x = self.passes.counted(x)
         if not self.compiled:
-            return self.unet(*args, **kwargs)
-        try:
-            return self.unet(*args, **kwargs)
-        except _compile_errors() as exc:
-            self.fall_back_to_eager(exc)
-            return self.unet(*args, **kwargs)
+            out = self.unet(x, *args, **kwargs)
+        else:
+            try:
+                out = self.unet(x, *args, **kwargs)
+            except _compile_errors() as exc:
+                self.fall_back_to_eager(exc)
+                out = self.unet(x, *args, **kwargs)
+        if not into_input and isinstance(out, tuple):  # LoRA training: the gradient stops at the weights
+            out = (self.passes.counted(out[0]), *out[1:])
+        return out
 
     @contextlib.contextmanager
     def mixed(self) -> Iterator[None]:
@@ -228,7 +273,8 @@ class StableDiffusionBackbone:
     def sampler(self, num_steps: int) -> DDIM:
         if self._ddim is None or self._ddim.num_steps != num_steps:
             cfg = self.pipe.scheduler.config
-            self._ddim = DDIM(self.alphas_cumprod, num_steps, self.num_train_timesteps, int(cfg.get("steps_offset", 1)))
+            self._ddim = DDIM(self.alphas_cumprod, num_steps, self.num_train_timesteps, int(cfg.get("steps_offset", 1)),
+                              self.prediction_type)
         return self._ddim
 
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
@@ -275,14 +321,18 @@ class StableDiffusionBackbone:
             self._timesteps[t] = torch.tensor(t, dtype=torch.int64, device=self.device)
         return self._timesteps[t]
 
+    def conditioning(self, batch: int, latent_hw: Any) -> dict[str, Any]:
+        """The UNet's keyword inputs besides the latent and t: the prompt's CLIP embedding."""
+        return {"encoder_hidden_states": self.text_embedding(batch)}
+
     def _unet(self, z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        emb = self.text_embedding(z.shape[0])
+        cond = self.conditioning(z.shape[0], z.shape[-2:])
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._mixed):
-            eps = self.run_unet(z.to(self.dtype), self._timestep(t), encoder_hidden_states=emb, return_dict=False)[0]
+            eps = self.run_unet(z.to(self.dtype), self._timestep(t), **cond, return_dict=False)[0]
         return eps.float()
 
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        """Predicted noise, fp32, same shape as z."""
+        """The model's prediction (noise, or v for v-prediction models), fp32, same shape as z."""
         eps = self._unet(z, t)
         self._captured = None  # features not wanted: don't keep the map alive
         return eps
@@ -313,13 +363,13 @@ class StableDiffusionBackbone:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> posterior mean x scaling, (1, 4, H/8, W/8) fp32."""
         with torch.no_grad(), self.visiting(self.vae):
-            z = self.vae.encode(image.to(self.device, self.dtype)).latent_dist.mean.float() * self.scaling
+            z = self.vae.encode(image.to(self.device, self.vae.dtype)).latent_dist.mean.float() * self.scaling
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(1, 4, h, w) -> (1, 3, 8h, 8w) in [0, 1], fp32."""
         with torch.no_grad(), self.visiting(self.vae):
-            x = self.vae.decode((z / self.scaling).to(self.dtype), return_dict=False)[0].float()
+            x = self.vae.decode((z / self.scaling).to(self.vae.dtype), return_dict=False)[0].float()
         return (x / 2 + 0.5).clamp(0, 1)
 
     # --- mutual self-attention ------------------------------------------------------------------
@@ -391,26 +441,40 @@ def check_attention(attention: str, device: torch.device) -> str:
     return "xformers"
 
 
-def _load_pipeline(model: str, dtype: torch.dtype) -> Any:
-    from diffusers import StableDiffusionPipeline
-
+def _load_pipeline(pipeline: type, model: str, dtype: torch.dtype, files: ModelFiles | None = None) -> Any:
     path = Path(model)
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(torch_dtype=dtype)
+    if "safety_checker" in inspect.signature(pipeline.__init__).parameters:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    config = files.config if files is not None else None
     try:
         if path.is_file():
             if path.suffix not in (".safetensors", ".ckpt"):
                 raise BadInputError(f"model {model!r}: a single-file model must be .safetensors or .ckpt")
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            if config is not None:  # offline: every config from the local base-model folder
+                return pipeline.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
+            if _offline():
+                raise ModelNotFoundError(
+                    f"model {model!r}: a single file holds weights but no configs, and the hub is offline; give the "
+                    "base model's diffusers folder as its config (--model-config DIR; SD1.x: stable-diffusion-v1-5, "
+                    "SDXL: stable-diffusion-xl-base-1.0)")
+            return pipeline.from_single_file(str(path), **kwargs)
         if path.is_dir():
-            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+            return pipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         if "/" not in model or model.startswith((".", "/")):
             raise ModelNotFoundError(f"model {model!r}: no such folder or file, and not a hub id (owner/name); "
                                      "pass a diffusers folder, a .safetensors file or a hub id")
-        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+        return pipeline.from_pretrained(model, **kwargs)
     except (BadInputError, ModelNotFoundError):
         raise
     except Exception as exc:  # diffusers/hub raise OSError, EnvironmentError, ValueError, hub errors
         raise ModelNotFoundError(_hub_hint("model", model)) from exc
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
 def swap_vae(pipe: Any, model: str, vae: str, dtype: torch.dtype) -> None:

@@ -12,13 +12,22 @@ class TinyRandomBackbone(StableDiffusionBackbone):
     """A tiny random SD1.5-shaped model built locally (for tests and smoke runs; no weights needed)."""
 
     name = "tiny-random"
+    #: it stands in for SD1.5 (sample size 8 x 8 = 64 px would be its own): edits work at SD1.5's width
+    default_width = 512
+
+    @classmethod
+    def claims(cls, files) -> bool:
+        """Only by its registered name (``--model tiny-random``)."""
+        return False
 
     @classmethod
     def load(cls, model: str = "tiny-random", *, vae: str = "auto", device: str = "auto", dtype: str = "fp32",
-             attention: str = "auto") -> "TinyRandomBackbone":
+             attention: str = "auto", files=None) -> "TinyRandomBackbone":
         dev, tdtype = resolve_device(device), DTYPES[dtype]
         backend = check_attention(attention, dev)
         pipe = load_tiny_pipeline(torch_dtype=tdtype)
         if vae not in ("auto", "model"):  # an explicit VAE is honoured for the tiny model too
             swap_vae(pipe, model, vae, tdtype)
-        return cls._finish(pipe, dev, tdtype, backend, "tiny-random", vae)
+        backbone = cls._finish(pipe, dev, tdtype, backend, "tiny-random", vae)
+        backbone.default_width = cls.default_width
+        return backbone

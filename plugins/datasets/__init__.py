@@ -8,15 +8,16 @@ so one bad file does not stop a whole benchmark; ``load`` raises :class:`BadInpu
 
 from __future__ import annotations
 
-import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from gooddrag.core.errors import BadInputError
-from gooddrag.core.inputs import Pair, open_image, point_list, read_small_file
+from gooddrag.core.errors import BadInputError, GoodDragWarning
+from gooddrag.core.inputs import DuplicateKeyError, Pair, open_image, point_list, read_small_file, strict_json
 from gooddrag.core.samples import MalformedSample, Sample
 
 
@@ -42,6 +43,7 @@ def read_image(path: Path, sample_id: str, mode: str = "RGB") -> Image.Image:
     """Open an image fully (no lazy reads later), as displayed (see ``open_image``), in ``mode``."""
     if not path.exists():
         raise bad(sample_id, f"{path.name} is missing ({path})")
+    inside_sample(path, sample_id)
     try:
         return open_image(path, path.name).convert(mode)
     except BadInputError as exc:
@@ -68,10 +70,13 @@ def read_json(path: Path, sample_id: str, limit: int = 1 << 20) -> Any:
     would hang or fill memory)."""
     if not path.exists():
         raise bad(sample_id, f"{path.name} is missing ({path})")
+    inside_sample(path, sample_id)
     try:
-        return json.loads(read_small_file(path, path.name, limit))
+        return strict_json(read_small_file(path, path.name, limit))
     except BadInputError as exc:
         raise bad(sample_id, str(exc)) from None
+    except DuplicateKeyError as exc:
+        raise bad(sample_id, f"{path.name} gives the key {str(exc)!r} twice (only one would count)") from None
     except (ValueError, RecursionError):
         raise bad(sample_id, f"{path.name} is not valid JSON") from None
 
@@ -108,7 +113,34 @@ def check_mask(mask: np.ndarray, size: tuple[int, int], sample_id: str, what: st
     return mask != 0
 
 
+def inside_sample(path: Path, sample_id: str) -> None:
+    """Refuse a sample file that is a link leading out of its sample folder: a benchmark is the
+    files in its folder, and a link could read any file on the machine (or another sample's)."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(os.path.realpath(path.parent)):
+        raise bad(sample_id, f"{path.name} links outside its sample folder (to {real}); copy the file in")
+
+
 def subfolders(folder: Path) -> list[Path]:
-    """Visible sub-folders, sorted by name."""
-    return sorted((d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: d.name)
+    """Visible sub-folders, sorted by name. A linked folder counts only when it leads to a folder
+    inside ``folder`` that is not listed already: an alias of another sample is skipped (each
+    sample is scored once), and so is a link leading out of the dataset, each with one warning."""
+    folder = Path(folder)
+    found = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    root = os.path.realpath(folder)
+    listed = {os.path.realpath(d): d for d in found if not d.is_symlink()}
+    out = []
+    for d in found:
+        real = os.path.realpath(d)
+        if d.is_symlink():
+            if not Path(real).is_relative_to(root) or real == root:
+                warnings.warn(f"{d} links outside the dataset folder (to {real}): skipped; copy the sample in to "
+                              "use it", GoodDragWarning, stacklevel=2)
+                continue
+            if real in listed:
+                warnings.warn(f"{d} is a link to {listed[real]}, another sample folder: skipped, so that sample is "
+                              "scored once", GoodDragWarning, stacklevel=2)
+                continue
+            listed[real] = d
+        out.append(d)
+    return out

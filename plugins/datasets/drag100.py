@@ -97,7 +97,10 @@ class Drag100:
     @staticmethod
     def load(d: Path, index: dict[str, str] | None = None) -> Sample:
         sid = d.name
-        image_path = next((d / n for n in IMAGE_NAMES if (d / n).is_file()), d / IMAGE_NAMES[0])
+        originals = [n for n in IMAGE_NAMES if (d / n).is_file()]
+        if len(originals) > 1:
+            raise bad(sid, f"has {' and '.join(originals)}: which one is the input is ambiguous; keep one")
+        image_path = d / originals[0] if originals else d / IMAGE_NAMES[0]
         image = read_image(image_path, sid)
         data = read_json(d / "points.json", sid)
         flat = data.get("points") if isinstance(data, dict) else None

@@ -22,8 +22,8 @@ class L2InfoPreserving:
     def __init__(self, params):
         self.params = params
 
-    def __call__(self, ctx, z, t, feats, eps, points):
-        P = self.params
+    def __call__(self, ctx, z, t, feats, eps):
+        P, points = self.params, ctx.points
         step, dist = motion_steps(points.handles, points.targets, P.max_step)
         target = crop_patches(ctx.reference.features(t), points.handles0, P.patch_radius).float()
         moving = sample_patches(feats, points.handles + step, P.patch_radius).float()

@@ -1,0 +1,113 @@
+"""A first-time ``instant`` edit against a first-time default GoodDrag edit, full-size model, one run.
+
+The model is Stable Diffusion 1.5's architecture with random weights (``phase_cost.random_sd15``; no
+weights can be downloaded here, and cost depends on the architecture). Each preset runs in its own
+process, so peak memory is its own; the LoRA cache is a fresh folder, so GoodDrag trains its LoRA
+("first-time"). Presets keep their default values (early stop on). Every phase boundary is written to
+the output as it happens, so an edit that does not finish still leaves its finished phases.
+
+    python benchmarks/instant.py --device cpu --width 256 --out benchmarks/results/cpu-2core-instant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PhaseLog:
+    """Event-hook plugin: appends each finished phase's wall time to a JSON-lines file."""
+
+    from gooddrag.core.hookspecs import hookimpl
+
+    def __init__(self, path: Path, t0: float):
+        self.path, self.t0, self.started = path, t0, {}
+
+    @hookimpl
+    def gooddrag_phase(self, name: str, status: str) -> None:
+        now = time.perf_counter()
+        if status == "start":
+            self.started[name] = now
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"phase": name, "s": round(now - self.started[name], 2),
+                                "since_edit_start_s": round(now - self.t0, 2)}) + "\n")
+
+
+def child(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from phase_cost import PAIRS, image512, random_sd15
+
+    from gooddrag.core.editor import Editor
+
+    t_load = time.perf_counter()
+    backbone = random_sd15(args.device, "fp32")
+    backbone.optimize()
+    editor = Editor(backbone)
+    load_s = time.perf_counter() - t_load
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    image = image512().resize((args.width, args.width))
+    s = args.width / 512
+    pairs = [((round(hx * s), round(hy * s)), (round(tx * s), round(ty * s))) for (hx, hy), (tx, ty) in PAIRS]
+    log = Path(args.result).with_suffix(".phases.jsonl")
+    t0 = time.perf_counter()
+    plugin = PhaseLog(log, t0)
+    r = editor.edit(image, pairs, preset=args.child, lora="auto", width=args.width, plugins=[plugin])
+    wall = time.perf_counter() - t0
+    rep = r.report
+    row = {"preset": args.child, "device_name": rep["device_name"], "threads": torch.get_num_threads(),
+           "width": args.width, "load_s": round(load_s, 1), "edit_wall_s": round(wall, 2),
+           "timings_s": rep["timings_s"], "unet_passes": rep["unet_passes"], "lora": rep["lora"].split(" ")[0],
+           "compute": rep["compute"], "stop_reason": rep["stop_reason"], "gradient_steps": rep["gradient_steps"],
+           "peak_memory_mb": rep["peak_memory_mb"], "rss_after_load_mb": round(rss_after_load, 1)}
+    Path(args.result).write_text(json.dumps(row))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--presets", default="instant,gooddrag")
+    ap.add_argument("--out", default="instant.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="gooddrag-instant-"))
+    env = {**os.environ, "GOODDRAG_CACHE": str(tmp / "cache")}  # empty: the LoRA is trained
+    out = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+    for preset in args.presets.split(","):
+        result = tmp / f"{preset}.json"
+        code = subprocess.call([sys.executable, __file__, "--child", preset, "--result", str(result),
+                                "--device", args.device, "--width", str(args.width)], env=env)
+        phases = result.with_suffix(".phases.jsonl")
+        row = json.loads(result.read_text()) if code == 0 and result.exists() else {"preset": preset, "failed": code}
+        row["phases_as_they_ended"] = [json.loads(x) for x in phases.read_text().splitlines()] if phases.exists() else []
+        out["runs"].append(row)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(json.dumps(row), flush=True)
+    runs = {r["preset"]: r for r in out["runs"] if "edit_wall_s" in r}
+    if "instant" in runs and "gooddrag" in runs:
+        i, g = runs["instant"], runs["gooddrag"]
+        out["gooddrag_over_instant"] = {"wall": round(g["edit_wall_s"] / i["edit_wall_s"], 1),
+                                        "peak_memory": round(g["peak_memory_mb"] / i["peak_memory_mb"], 2)}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out.get("gooddrag_over_instant", {})))
+
+
+if __name__ == "__main__":
+    main()
