@@ -28,6 +28,7 @@ from gooddrag.core.config import schedule_needs
 from gooddrag.core.ddim import start_index as _start_index
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.errors import ConfigError, DivergedError
+from gooddrag.core.latents import StartLatents
 from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 from gooddrag.core.report import PhaseTimer, device_name, peak_mb, versions
 
@@ -301,8 +302,12 @@ class EditResult:
     report: dict[str, Any]
 
 
-def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, notes: list[str]) -> EditResult:
-    """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step."""
+def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, notes: list[str],
+             start_latents: StartLatents | None = None) -> EditResult:
+    """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step.
+    ``start_latents``: the image's known denoising trajectory (a generated image); the edit starts
+    from its latent at the schedule's start and skips the inversion (and the LoRA, which would
+    change the model that trajectory belongs to)."""
     b, hook = backbone, registry.pm.hook
     events = Events(hook)
     timer = PhaseTimer(b.device, events, getattr(b, "passes", None))
@@ -319,13 +324,23 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
     ddim = b.sampler(cfg.schedule_params.num_inference_steps)
     # 2. LoRA: fitted to this image once (cached on disk), loaded from a path, or off (always off for a
     #    schedule that needs none: "off" also drops a LoRA left by an earlier edit)
+    lora_mode = cfg.lora if "lora" in s.needs else "off"
+    if start_latents is not None and lora_mode != "off":
+        notes.append(f"LoRA off: the edit starts from the {start_latents.source} latents, which belong to the "
+                     "model without a LoRA")
+        lora_mode = "off"
     with timer("lora"):
-        lora_status = b.use_lora(cfg.lora if "lora" in s.needs else "off", image, cfg.lora_params,
-                                 **on_step(b.use_lora, events, "lora"))
+        lora_status = b.use_lora(lora_mode, image, cfg.lora_params, **on_step(b.use_lora, events, "lora"))
     # 3. inversion: z_T, the latent at the schedule's start timestep
     with timer("inversion"):
         start, indices = drag_window(s.schedule, len(ddim.timesteps))
-        z_start = invert(b, image, start, lora_status, events)
+        if start_latents is None:
+            z_start = invert(b, image, start, lora_status, events)
+            inversion = "ddim"
+        else:  # (1, 4, H/8, W/8), exact: no inversion error
+            w8, h8 = inp.work_size[0] // 8, inp.work_size[1] // 8
+            z_start = start_latents.at(start, len(ddim.timesteps), (h8, w8)).to(b.device, torch.float32)
+            inversion = f"skipped: the {start_latents.source} latents were reused"
     # 4 + 5. reference and drag, in one mixed-precision span (the weights are split once)
     with contextlib.ExitStack() as mixed_span:
         with timer("reference"):
@@ -360,6 +375,7 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
         "start_timestep": ddim.timesteps[start],
         "drag_timesteps": [ddim.timesteps[k] for k in indices],
         "lora": lora_status,
+        "inversion": inversion,
         "device": str(b.device),
         "device_name": device_name(b.device),
         "dtype": cfg.load.dtype,
@@ -477,3 +493,35 @@ def decode(b: Any, z: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     x = b.decode(z)  # (1, 3, H, W) in [0, 1]
     arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
     return Image.fromarray(arr).resize(size, Image.BILINEAR)
+
+
+def generate(backbone: Any, prompt: str, *, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+             width: int = 512, height: int = 512, negative: str = "") -> tuple[Image.Image, StartLatents]:
+    """An image from ``prompt`` by DDIM sampling (classifier-free guidance ``guidance``; 1 = none),
+    with its whole trajectory: the latent fed to every step, so a drag can start from it instead of
+    inverting (``run_edit(..., start_latents=...)``)."""
+    b = backbone
+    if width % 8 or height % 8 or min(width, height) < 16:
+        raise ConfigError(f"generate at {width}x{height}: give a width and height that are multiples of 8, at least 16")
+    ddim = b.sampler(steps)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((1, 4, height // 8, width // 8), generator=gen).to(b.device)  # (1, 4, h, w)
+    latents: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for k, t in enumerate(ddim.timesteps):
+            latents[k] = z
+            b.set_prompt(prompt)
+            pred = b.eps(z, t)
+            if guidance != 1.0:
+                b.set_prompt(negative)
+                uncond = b.eps(z, t)
+                pred = uncond + guidance * (pred - uncond)
+            z = b.ddim_step(z, pred, t)
+        latents[len(ddim.timesteps)] = z
+    b.set_prompt(prompt)
+    if not bool(torch.isfinite(z).all()):
+        raise DivergedError("the generated latent is NaN/inf; try dtype fp32 or a lower guidance")
+    image = decode(b, z, (width, height))
+    info = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
+            "width": width, "height": height, "model": getattr(b, "model_id", "")}
+    return image, StartLatents(num_steps=steps, latents=latents, source="generation", info=info)
