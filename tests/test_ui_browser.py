@@ -400,6 +400,32 @@ def test_preview_runs_the_instant_preset(page, server, tmp_path):
     snap(page, tmp_path, "ui-preview")
 
 
+def test_a_generated_image_is_dragged_without_inversion(page, server, tmp_path):
+    _, settings = server
+    open_section(page, "generate one from a prompt")
+    page.locator("#gen-prompt textarea, #gen-prompt input").first.fill("a red ball on grass")
+    box = page.locator("#gen-steps input").first
+    box.fill("10")
+    box.press("Tab")
+    page.locator("#generate").click()
+    expect(page.locator("#status")).to_contain_text("Generated 32x32")
+    expect(page.locator("#points-view .gd-img")).to_be_visible()
+    click(page, 0.3, 0.3, "click its target")
+    click(page, 0.7, 0.6, "Pairs: 1:")
+    set_param(page, "schedule", "drag_timesteps", 1)
+    set_param(page, "schedule", "drags_per_timestep", 2)
+    run_and_wait(page, settings)
+    expect(page.locator("#status")).to_contain_text("Reused the generation's latents (no inversion)")
+    expect(page.locator("#progress")).to_contain_text("inversion: done in")
+    expect(page.locator("#progress")).to_contain_text("skipped: the generation's latents")
+    snap(page, tmp_path, "ui-generated")
+    run = latest_run(settings)
+    assert run["inversion"] == "skipped: the generation latents were reused"
+    assert run["input"]["image"] == "generated in gooddrag ui" and run["prompt"] == "a red ball on grass"
+    assert run["config"]["schedule_params"]["num_inference_steps"] == 10  # the generation's sampler
+    assert run["image_size"] == [32, 32]
+
+
 def test_a_plugin_component_gets_its_controls(page, server, tmp_path):
     _, settings = server
     open_section(page, "Method and parameters")

@@ -123,6 +123,11 @@ class Panels:
     result_state: Any = None
     reuse_state: Any = None
     opener: Any = None
+    gen_prompt: Any = None
+    gen_seed: Any = None
+    gen_steps: Any = None
+    gen_guidance: Any = None
+    gen_btn: Any = None
     editor: Any = None
     points: Any = None
     result_view: Any = None
@@ -161,6 +166,16 @@ def input_panels(ui: Panels) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
             ui.opener = gr.UploadButton("Open an image file", type="filepath", size="sm", elem_id="open-image")
+            with gr.Accordion("...or generate one from a prompt (dragged without inversion)", open=False,
+                              elem_id="generate-section"):
+                ui.gen_prompt = gr.Textbox("", label="prompt", placeholder="e.g. a photo of a cat on a sofa",
+                                           elem_id="gen-prompt")
+                with gr.Row():
+                    ui.gen_seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="gen-seed", min_width=80)
+                    ui.gen_steps = gr.Number(50, label="steps", precision=0, minimum=1, elem_id="gen-steps",
+                                             info="the drag uses the same", min_width=80)
+                    ui.gen_guidance = gr.Number(7.5, label="guidance", minimum=1, elem_id="gen-guidance", min_width=80)
+                ui.gen_btn = gr.Button("Generate", size="sm", elem_id="generate")
             ui.editor = gr.ImageEditor(
                 label="1. Editable region (brush; erase; nothing painted = whole image)",
                 type="numpy", image_mode="RGBA", format="png", sources=[], transforms=[], layers=False,
@@ -340,6 +355,11 @@ def _options(ui: Panels, settings: UiSettings, registry: Registry, preset, sched
     if reuse and reuse.get("lora") and mode == "auto":
         lora = reuse["lora"]
         reused.append("the LoRA of the previous round (no training)")
+    start = (reuse or {}).get("start")
+    if start is not None:  # a generated image: its sampler and size are the drag's
+        overrides.setdefault("schedule", {})["num_inference_steps"] = start.num_steps
+        width_ = start.info.get("width", width_)
+        reused.append("the generation's latents (no inversion)")
     options = dict(preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
                    lora=lora, prompt=prompt_ or "", seed=int(seed_ or 0), width=int(width_ or 0))
     cfg = resolve_config(registry, preset=preset, schedule=schedule, loss=loss, tracker=tracker, overrides=overrides,
@@ -362,6 +382,9 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
         if image is None:
             yield failed("no image: open one first")
             return
+        start = (reuse or {}).get("start")
+        if start is not None:  # a generated image is dragged at its own size
+            width_ = start.info.get("width", width_)
         try:
             points = parse_points(points_value)
             pairs = work.pairs_from_clicks(points)
@@ -376,7 +399,10 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
         cancel = threading.Event()
         cancels.setdefault(session, set()).add(cancel)
         lora_kind = "off" if cfg.lora == "off" else "auto" if cfg.lora == "auto" else "path"
-        progress = work.EditProgress(lora_mode=lora_kind, drag_budget=work.max_gradient_steps(cfg.schedule_params))
+        if start is not None:
+            lora_kind = "off"  # the generation's latents belong to the model without a LoRA
+        progress = work.EditProgress(lora_mode=lora_kind, drag_budget=work.max_gradient_steps(cfg.schedule_params),
+                                     inversion_note="skipped: the generation's latents" if start is not None else "")
         try:
             if not pool.loaded(settings.load):
                 yield {ui.status: f"Loading `{settings.load.model}` (once per server)...", ui.progress: progress.html()}
@@ -389,6 +415,7 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
                    ui.progress: progress.html(), ui.result_view: None, ui.files: None}
             last = 0.0
             for ev in work.run_edit(editor_, inp, cfg, options["prompt"], cancel, previews=bool(previews_),
+                                    start_latents=(reuse or {}).get("start"),
                                     label=f"{label.lower()} from another tab", progress=progress):
                 kind = ev[0]
                 if kind == "queued":
@@ -400,7 +427,8 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
                         yield failed(work.one_line(ev[1]), progress.html())
                     return
                 elif kind == "done":
-                    yield _finished(ui, settings, image, inp, points, ev[1], ev[2], progress, label, reused)
+                    yield _finished(ui, settings, image, inp, points, ev[1], ev[2], progress, label, reused,
+                                    generated=start is not None)
                     return
                 elif kind == "preview" or kind == "phase" or time.monotonic() - last >= UPDATE_EVERY_S:
                     last = time.monotonic()
@@ -456,6 +484,36 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
                ui.points: points_update(image, _show(image, ed)),
                ui.status: f"Drag again: the result is the new input; kept {kept}. Click new points and Run."}
 
+    def on_generate(prompt_, seed_, steps_, guidance_, width_):
+        """An image from the prompt, its latents kept: Run drags it from them (no inversion)."""
+        prompt_ = (prompt_ or "").strip()
+        if not prompt_:
+            yield {ui.status: "**Error:** type a prompt to generate an image"}
+            return
+        width_ = int(width_ or 0)
+        if width_ % 8 or width_ < 16:
+            yield {ui.status: f"**Error:** working width {width_}: give a multiple of 8, at least 16 (Run settings)"}
+            return
+        if not pool.loaded(settings.load):
+            yield {ui.status: f"Loading `{settings.load.model}` (once per server)..."}
+        yield {ui.status: f"Generating ({int(steps_ or 50)} steps)..."}
+        try:
+            editor_ = pool.get(settings.load)
+            image, latents = editor_.generate(prompt_, seed=int(seed_ or 0), steps=int(steps_ or 50),
+                                              guidance=float(guidance_ or 1.0), width=width_, height=width_)
+        except Exception as exc:
+            yield {ui.status: f"**Error:** {work.one_line(exc)}"}
+            return
+        yield {ui.image_state: image, ui.reuse_state: {"start": latents},
+               ui.editor: {"background": image, "layers": [], "composite": None},
+               ui.points: points_update(image), ui.prompt: prompt_,
+               ui.status: (f"Generated {image.size[0]}x{image.size[1]} from the prompt; its latents are kept, so the "
+                           "drag starts from them (no inversion). Click a handle, then its target.")}
+
+    ui.gen_btn.click(on_generate, [ui.gen_prompt, ui.gen_seed, ui.gen_steps, ui.gen_guidance, ui.width],
+                     [ui.image_state, ui.reuse_state, ui.editor, ui.points, ui.prompt, ui.status],
+                     show_progress="hidden", concurrency_limit=1, api_visibility="private")
+
     ui.again_btn.click(on_again, [ui.result_state, ui.editor],
                        [ui.image_state, ui.reuse_state, ui.editor, ui.points, ui.status], show_progress="hidden")
 
@@ -468,8 +526,9 @@ def _lora_folder(status: str) -> str | None:
     return None
 
 
-def _finished(ui: Panels, settings: UiSettings, image, inp, points, result, frames, progress, label, reused) -> dict:
-    result.report["input"] = {"image": "uploaded in gooddrag ui",
+def _finished(ui: Panels, settings: UiSettings, image, inp, points, result, frames, progress, label, reused,
+              generated: bool = False) -> dict:
+    result.report["input"] = {"image": "generated in gooddrag ui" if generated else "uploaded in gooddrag ui",
                               "mask": "brushed" if inp.mask is not None else None, "points": points}
     paths = work.write_outputs(work.new_run_dir(settings.out), inp, result, frames)
     r = result.report

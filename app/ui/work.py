@@ -186,8 +186,9 @@ class EditProgress:
     per phase (with its steps and an ETA) and said as one line (the current state only)."""
 
     def __init__(self, lora_mode: str = "auto", drag_budget: int | None = None, skip: Sequence[str] = (),
-                 clock: Any = time.monotonic):
+                 inversion_note: str = "", clock: Any = time.monotonic):
         self.clock, self.lora_mode, self.drag_budget = clock, lora_mode, drag_budget
+        self.inversion_note = inversion_note  # e.g. skipped: a generated image's latents are known
         self.rows: dict[str, dict[str, Any]] = {p: {"state": "waiting", "step": 0, "total": None, "t0": None,
                                                     "elapsed": None, "note": ""} for p in PHASES}
         for p in skip:
@@ -207,6 +208,8 @@ class EditProgress:
                 self.current = ev[1]
             else:
                 row.update(state="done", elapsed=now - (row["t0"] or now))
+                if ev[1] == "inversion" and self.inversion_note:
+                    row["note"] = self.inversion_note
                 if ev[1] == "lora" and row["step"] == 0:  # no training step: cached, given or off
                     row["note"] = {"off": "off", "auto": "cached LoRA reused (no training)"}.get(
                         self.lora_mode, "loaded from the given path")
@@ -301,7 +304,7 @@ def device_queue(device: str) -> DeviceQueue:
 
 def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cancel: threading.Event,
              previews: bool = True, label: str = "an edit", progress: EditProgress | None = None,
-             poll_s: float = 0.5) -> Iterator[tuple]:
+             poll_s: float = 0.5, start_latents: Any = None) -> Iterator[tuple]:
     """Run one edit in a worker thread. While another edit holds the device, yield ``("queued",
     behind)`` every ``poll_s``; then ``("phase", name, status)``, ``("phase_step", name, k, n)``,
     ``("step", t, n, drag)``, ``("preview", t, drag, image)`` events, then ``("done", result,
@@ -326,7 +329,7 @@ def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cance
         try:
             if cancel.is_set():
                 raise EditCancelled("edit cancelled; nothing was written")
-            result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin])
+            result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin], start_latents=start_latents)
             events.put(("done", result, getattr(plugin, "animation", None)))
         except BaseException as exc:  # handed to the page, which shows it as one line
             events.put(("error", exc))
