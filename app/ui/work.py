@@ -207,7 +207,7 @@ class EditProgress:
                 row.update(state="running", t0=now, step=0)
                 self.current = ev[1]
             else:
-                row.update(state="done", elapsed=now - (row["t0"] or now))
+                row.update(state="done", elapsed=now - (now if row["t0"] is None else row["t0"]))
                 if ev[1] == "inversion" and self.inversion_note:
                     row["note"] = self.inversion_note
                 if ev[1] == "lora" and row["step"] == 0:  # no training step: cached, given or off
