@@ -207,8 +207,9 @@ def download(page, name: str):
 def run_and_wait(page, settings, button: str = "#run", done: str = "Run done") -> None:
     """Click Run (or Preview) and wait until its edit is written and the page says so."""
     before = len(runs(settings))
+    stale = page.locator("#status").inner_text()  # what the status said before this click
     page.locator(button).click()
-    wait_for_runs(page, settings, before + 1)
+    wait_for_runs(page, settings, before + 1, stale)
     expect(page.locator("#status")).to_contain_text(done)
     expect(download(page, "run.json")).to_be_visible()
 
@@ -217,12 +218,13 @@ def runs(settings) -> list[Path]:
     return sorted(settings.out.glob("*/run.json"), key=lambda q: q.stat().st_mtime)
 
 
-def wait_for_runs(page, settings, n: int) -> None:
-    """Until the n-th edit's run.json is written (at most WAIT_MS); an error in the status fails at once."""
+def wait_for_runs(page, settings, n: int, stale: str = "") -> None:
+    """Until the n-th edit's run.json is written (at most WAIT_MS); a new error in the status (not the
+    ``stale`` text from before the click) fails at once."""
     end = time.monotonic() + WAIT_MS / 1000
     while len(runs(settings)) < n:
         status = page.locator("#status").inner_text()
-        assert "Error" not in status, status
+        assert "Error" not in status or status == stale, status
         assert time.monotonic() < end, f"{len(runs(settings))} edits written, waited for {n}; status: {status}"
         page.wait_for_timeout(200)
 
@@ -351,8 +353,9 @@ def test_a_parameter_change_then_run_starts_an_edit_every_time(page, server, tmp
     before = len(runs(settings))
     for i in range(10):
         set_param(page, "schedule", "lr", f"{0.02 + 0.001 * i:.3f}")
+        stale = page.locator("#status").inner_text()
         page.locator("#run").click()
-        wait_for_runs(page, settings, before + i + 1)  # the status still says the last edit's "Run done"
+        wait_for_runs(page, settings, before + i + 1, stale)  # the status still says the last edit's "Run done"
         expect(page.locator("#status")).to_contain_text("Run done")
         assert len(runs(settings)) == before + i + 1
         assert latest_run(settings)["config"]["schedule_params"]["lr"] == pytest.approx(0.02 + 0.001 * i)

@@ -556,4 +556,5 @@ def _wire_sample(ui: Panels, settings: UiSettings) -> None:
             return f"**Error:** {work.one_line(exc).replace(str(settings.samples), 'the samples folder')}"
         return f"Saved the input as Drag100 sample `{folder.name}` in the samples folder."
 
-    ui.save_btn.click(on_save, [ui.image_state, ui.points, ui.editor, ui.sample_name], ui.status)
+    ui.save_btn.click(on_save, [ui.image_state, ui.points, ui.editor, ui.sample_name], ui.status,
+                      show_progress="hidden")
