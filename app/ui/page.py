@@ -205,7 +205,7 @@ def action_panel(ui: Panels, registry: Registry) -> None:
                         elem_id="preview-note")
         ui.progress = gr.HTML(work.EditProgress().html(), elem_id="progress")
         ui.status = gr.Markdown("Starting...", elem_id="status", min_height=30)
-    ui.files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+    ui.files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads", height=120)
 
 
 def method_panel(ui: Panels, settings: UiSettings, registry: Registry) -> None:

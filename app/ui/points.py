@@ -38,7 +38,7 @@ POINTS_TEMPLATE = """
 
 POINTS_CSS = """
 .gd-stage { position: relative; display: flex; justify-content: center; background: var(--block-background-fill); min-height: 120px; }
-.gd-img { display: block; max-width: 100%; max-height: 420px; width: auto; height: auto; user-select: none; }
+.gd-img { display: block; user-select: none; image-rendering: auto; }
 .gd-svg { position: absolute; touch-action: none; cursor: crosshair; }
 .gd-empty { padding: 48px 16px; color: var(--body-text-color-subdued); text-align: center; }
 .gd-bar { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; margin-top: 6px; }
@@ -48,7 +48,7 @@ POINTS_CSS = """
 """
 
 POINTS_JS = r"""
-const NS = 'http://www.w3.org/2000/svg';
+const NS = 'http://www.w3.org/2000/svg', MAX_H = 420;
 const read = () => { try { const p = JSON.parse(props.value || '[]'); return Array.isArray(p) ? p : []; } catch (e) { return []; } };
 const size = () => [Number(props.w) || 1, Number(props.h) || 1];
 const radius = () => { const [w, h] = size(); return Math.max(3, Math.round(Math.min(w, h) / 60)); };
@@ -64,6 +64,10 @@ function draw() {
   const pts = read(), r = radius();
   const svg = element.querySelector('.gd-svg'), img = element.querySelector('.gd-img');
   if (svg && img) {
+    // the picture fills the panel's width (small images scaled up too), at most MAX_H tall, its own aspect
+    const [w, h] = size(), stage = element.querySelector('.gd-stage');
+    const scale = Math.min((stage.clientWidth || w) / w, MAX_H / h);
+    img.style.width = Math.round(w * scale) + 'px'; img.style.height = Math.round(h * scale) + 'px';
     // the overlay covers exactly the displayed picture
     svg.style.left = img.offsetLeft + 'px'; svg.style.top = img.offsetTop + 'px';
     svg.style.width = img.clientWidth + 'px'; svg.style.height = img.clientHeight + 'px';
@@ -152,8 +156,8 @@ COMPARE_TEMPLATE = """
 """
 
 COMPARE_CSS = """
-.gd-cmp-stage { position: relative; width: fit-content; max-width: 100%; margin: 0 auto; }
-.gd-cmp-stage img { display: block; max-width: 100%; max-height: 420px; width: auto; height: auto; }
+.gd-cmp-stage { position: relative; width: 100%; margin: 0 auto; }
+.gd-cmp-stage img { display: block; width: 100%; height: auto; }
 .gd-after { position: absolute; left: 0; top: 0; width: 100% !important; height: 100% !important; clip-path: inset(0 0 0 50%); }
 .gd-cmp-line { position: absolute; top: 0; bottom: 0; left: 50%; width: 2px; background: white; box-shadow: 0 0 2px black; }
 .gd-cmp-range { width: 100%; }
