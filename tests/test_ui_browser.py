@@ -207,7 +207,7 @@ def download(page, name: str):
 def run_and_wait(page, settings, button: str = "#run", done: str = "Run done") -> None:
     """Click Run (or Preview) and wait until its edit is written and the page says so."""
     before = len(runs(settings))
-    stale = page.locator("#status").inner_text()  # what the status said before this click
+    stale = status_text(page)  # what the status said before this click
     page.locator(button).click()
     wait_for_runs(page, settings, before + 1, stale)
     expect(page.locator("#status")).to_contain_text(done)
@@ -218,12 +218,17 @@ def runs(settings) -> list[Path]:
     return sorted(settings.out.glob("*/run.json"), key=lambda q: q.stat().st_mtime)
 
 
+def status_text(page) -> str:
+    """The status line's own text (without gradio's elapsed-time counter shown while an event is pending)."""
+    return re.sub(r"^\s*(?:[\d.]+\s*/\s*)?[\d.]+s\s*", "", page.locator("#status").inner_text()).strip()
+
+
 def wait_for_runs(page, settings, n: int, stale: str = "") -> None:
     """Until the n-th edit's run.json is written (at most WAIT_MS); a new error in the status (not the
     ``stale`` text from before the click) fails at once."""
     end = time.monotonic() + WAIT_MS / 1000
     while len(runs(settings)) < n:
-        status = page.locator("#status").inner_text()
+        status = status_text(page)
         assert "Error" not in status or status == stale, status
         assert time.monotonic() < end, f"{len(runs(settings))} edits written, waited for {n}; status: {status}"
         page.wait_for_timeout(200)
@@ -353,7 +358,7 @@ def test_a_parameter_change_then_run_starts_an_edit_every_time(page, server, tmp
     before = len(runs(settings))
     for i in range(10):
         set_param(page, "schedule", "lr", f"{0.02 + 0.001 * i:.3f}")
-        stale = page.locator("#status").inner_text()
+        stale = status_text(page)
         page.locator("#run").click()
         wait_for_runs(page, settings, before + i + 1, stale)  # the status still says the last edit's "Run done"
         expect(page.locator("#status")).to_contain_text("Run done")
