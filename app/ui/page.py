@@ -19,7 +19,7 @@ from PIL import Image
 from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
 from gooddrag.app.ui.points import (compare_component, compare_update, parse_points, points_component,
-                                    points_update)
+                                    points_update, result_component, result_update)
 from gooddrag.core.config import STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.errors import BadInputError, GoodDragError
 from gooddrag.core.inputs import prepare_input
@@ -186,9 +186,8 @@ def input_panels(ui: Panels) -> None:
             gr.Markdown("**2. Points**: click a handle (red), then its target (blue); the fixed region is dimmed")
             ui.points = points_component(elem_id="points-view")
         with gr.Column(min_width=300):
-            ui.result_view = gr.Image(label="3. Result (live while dragging; yellow/black rings = final handles)",
-                                      type="pil", format="png", interactive=False, elem_id="result",
-                                      height=IMAGE_HEIGHT, buttons=["download", "fullscreen"])
+            gr.Markdown("**3. Result** (live while dragging; yellow/black rings = final handles)")
+            ui.result_view = result_component(elem_id="result")
             ui.compare = compare_component(elem_id="compare")
 
 
@@ -412,7 +411,7 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
                 yield failed(work.one_line(exc))
                 return
             yield {ui.status: f"{label}: starting" + (f" (reusing {reused})" if reused else ""),
-                   ui.progress: progress.html(), ui.result_view: None, ui.files: None}
+                   ui.progress: progress.html(), ui.result_view: result_update(None), ui.files: None}
             last = 0.0
             for ev in work.run_edit(editor_, inp, cfg, options["prompt"], cancel, previews=bool(previews_),
                                     start_latents=(reuse or {}).get("start"),
@@ -434,7 +433,7 @@ def _wire_run(ui: Panels, settings: UiSettings, registry: Registry, pool: work.E
                     last = time.monotonic()
                     out = {ui.status: f"{label}: {progress.line()}", ui.progress: progress.html()}
                     if kind == "preview":
-                        out[ui.result_view] = ev[3]
+                        out[ui.result_view] = result_update(ev[3])
                     yield out
         finally:
             cancels.get(session, set()).discard(cancel)
@@ -535,8 +534,8 @@ def _finished(ui: Panels, settings: UiSettings, image, inp, points, result, fram
     lora = r["lora"] if not str(r["lora"]).startswith(("trained /", "cached /", "loaded /")) \
         else str(r["lora"]).split(" ", 1)[0]
     reuse_note = f" Reused {reused}." if reused else ""
-    return {ui.result_view: work.draw_clicks(result.image, [p for pair in inp.pairs for p in pair],
-                                             finals=result.points),
+    return {ui.result_view: result_update(work.draw_clicks(result.image, [p for pair in inp.pairs for p in pair],
+                                                           finals=result.points), final=True),
             ui.compare: compare_update(image, result.image),
             ui.result_state: {"image": result.image, "lora": _lora_folder(str(r["lora"]))},
             ui.files: [str(p) for p in paths], ui.progress: progress.html(),

@@ -142,6 +142,18 @@ watch(['value', 'src', 'w', 'h'], draw);
 draw();
 """
 
+RESULT_TEMPLATE = """
+<div class="gd-result" data-final="${final}">${src ? `<img class="gd-result-img" src="${src}" alt="${alt}">`
+  : `<div class="gd-empty">The result appears here (live while dragging).</div>`}</div>
+"""
+
+RESULT_CSS = """
+.gd-result { display: flex; justify-content: center; background: var(--block-background-fill); min-height: 120px; }
+.gd-result-img { display: block; width: 100%; max-width: 100%; height: auto; max-height: 420px; object-fit: contain;
+                 image-rendering: auto; }
+.gd-empty { padding: 48px 16px; color: var(--body-text-color-subdued); text-align: center; }
+"""
+
 COMPARE_TEMPLATE = """
 <div class="gd-compare">${before && after ? `
   <div class="gd-cmp-stage">
@@ -176,16 +188,17 @@ element.addEventListener('input', (ev) => {
 """
 
 
-def data_url(image: Image.Image, max_side: int = DISPLAY_SIDE) -> str:
-    """The picture as an inline ``data:`` URL (JPEG, at most ``max_side`` px): the page shows it
-    without a file on the server, so no server path ever reaches the page."""
+def data_url(image: Image.Image, max_side: int = DISPLAY_SIDE, exact: bool = False) -> str:
+    """The picture as an inline ``data:`` URL (JPEG, or PNG when ``exact``; at most ``max_side`` px):
+    the page shows it without a file on the server, so no server path ever reaches the page."""
     im = image.convert("RGB")
     if max(im.size) > max_side:
         im = im.copy()
         im.thumbnail((max_side, max_side), Image.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    im.save(buf, "PNG" if exact else "JPEG", **({} if exact else {"quality": 90}))
+    kind = "png" if exact else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def points_component(**kwargs: Any) -> Any:
@@ -235,3 +248,23 @@ def compare_update(before: Image.Image | None, after: Image.Image | None) -> Any
     if before is None or after is None:
         return gr.HTML(before="", after="")
     return gr.HTML(before=data_url(before), after=data_url(after.resize(before.size)))
+
+
+def result_component(**kwargs: Any) -> Any:
+    """The result panel: a live preview while dragging, then the result with its final handles. The
+    picture is inline (rendered in the same update as the status), so a late preview can never be
+    shown over the final result."""
+    import gradio as gr
+
+    return gr.HTML("", html_template=RESULT_TEMPLATE, css_template=RESULT_CSS, js_on_load=None, src="",
+                   final="no", alt="", apply_default_css=False, **kwargs)
+
+
+def result_update(image: Image.Image | None, final: bool = False) -> Any:
+    """A preview (JPEG) or the final result (PNG, exact colours), or nothing."""
+    import gradio as gr
+
+    if image is None:
+        return gr.HTML(src="", final="no", alt="")
+    return gr.HTML(src=data_url(image, exact=final), final="yes" if final else "no",
+                   alt="the result with its final handles" if final else "live preview")
