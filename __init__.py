@@ -1,7 +1,7 @@
 """gooddrag: point-based drag editing with diffusion models (GoodDrag, DragDiffusion).
 
 ``from gooddrag import Editor, EditResult`` is the Python entry point (``prepare_input`` validates an
-edit request without a model). They are imported on first use, so the command line
+edit request without a model, ``resolve_config`` and ``LoadOptions`` build its config). They are imported on first use, so the command line
 (``gooddrag --version``) starts without loading torch. See docs/api.md.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Editor", "EditResult", "prepare_input", "__version__"]
+__all__ = ["Editor", "EditResult", "LoadOptions", "prepare_input", "resolve_config", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from gooddrag.core.inputs import prepare_input
 
         return prepare_input
+    if name in ("LoadOptions", "resolve_config"):
+        from gooddrag.core import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'gooddrag' has no attribute {name!r}")

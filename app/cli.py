@@ -61,7 +61,7 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: Optional[int] = O.WIDTH_AUTO,
+    width: Optional[int] = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
                              "predicts, with targets (blue), original handles (red) and current handles (yellow/black rings)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
@@ -264,10 +264,13 @@ def ui(
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
     preset: str = O.PRESET,
     lora: str = O.LORA,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
+    lora_dir: List[Path] = typer.Option([], "--lora-dir", help="A folder the page's LoRA path may read from "
+                                        "(repeatable; no other path is read)."),
+    max_upload_mb: float = typer.Option(25, "--max-upload-mb", help="Largest upload the server accepts, in MB."),
     load: LoadOptions = None,
 ) -> None:
     """Interactive drag editor in the browser (needs the extra gooddrag[ui])."""
@@ -277,13 +280,20 @@ def ui(
 
     require_gradio()
     reg = default_registry()
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     resolve_config(reg, preset=preset, load=load, lora=lora, width=width)  # bad options fail here, before serving
     O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings
 
-    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples)
+    if not max_upload_mb > 0:
+        raise BadInputError(f"--max-upload-mb {max_upload_mb:g}: give a size above 0, e.g. 25")
+    settings = UiSettings(load=load, width=width, lora=lora, preset=preset, out=out or default_out(), samples=samples,
+                          lora_dirs=lora_dir)
     typer.echo(f"gooddrag ui: http://{host}:{port} (model {load.model}, loaded on the first edit; Ctrl-C stops)")
-    launch(settings, host=host, port=port, quiet=True)
+    launch(settings, host=host, port=port, quiet=True, max_upload_mb=max_upload_mb)
 
 
 from gooddrag.app.bench.commands import bench, score  # noqa: E402  (their options live with them)

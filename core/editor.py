@@ -44,7 +44,7 @@ class Editor:
         self.registry = registry or default_registry()
         b = backbone
         loaded = dict(model=b.model_id, vae=b.vae_id, device=str(b.device), dtype=DTYPE_NAMES[b.dtype],
-                      attention=b.attention)
+                      attention=b.attention, backbone=b.name)  # the backbone that claimed the model
         #: what was asked for (``device="auto"``) and what it became (``device="cpu"``)
         self.requested = attrs.evolve(load or LoadOptions(**loaded), **options)
         self.load = attrs.evolve(self.requested, **loaded)

@@ -310,14 +310,14 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
     change the model that trajectory belongs to)."""
     b, hook = backbone, registry.pm.hook
     events = Events(hook)
-    timer = PhaseTimer(b.device, events, getattr(b, "passes", None))
+    timer = PhaseTimer(b.device, events, b.passes)  # the contract's optional counter (None: not counted)
     hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
     # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
     s = Strategies.build(registry, cfg, b)
     compute = compute_dtype(b, cfg)
-    # autocasts the UNet passes only; a schedule with no reference and no loss makes no pass to autocast,
-    # so its weights are not split (splitting and joining SD1.5's UNet costs seconds on a CPU)
-    mixed = b.mixed if compute is not None and {"reference", "loss"} & s.needs else contextlib.nullcontext
+    if not {"lora", "reference", "loss"} & s.needs:  # no LoRA, reference or drag pass: nothing autocasts,
+        compute = None  # and the weights are not split (splitting SD1.5's UNet costs seconds on a CPU)
+    mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
     torch.manual_seed(cfg.seed)
     b.set_prompt(prompt)
     image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]

@@ -52,7 +52,7 @@ def time_one_forward(backbone: Any, work_size: tuple[int, int], compute: torch.d
     w, h = work_size
     z = torch.randn(1, 4, h // 8, w // 8, device=backbone.device)
     t = backbone.sampler(50).timesteps[10]
-    mixed = backbone.mixed() if compute is not None and hasattr(backbone, "mixed") else None
+    mixed = backbone.mixed() if compute is not None and backbone.supports_mixed else None
     with torch.no_grad():
         if mixed is not None:
             mixed.__enter__()
@@ -94,7 +94,7 @@ def cpu_estimate(backbone: Any, registry: Any, cfg: EditConfig, work_size: tuple
     needs = schedule_needs(schedule)
     if backbone.device.type != "cpu" or not ({"lora", "loss"} & needs):
         return None
-    if getattr(backbone, "unet_parameters", lambda: 0)() < FULL_SIZE_PARAMETERS:
+    if not backbone.supports_mixed or backbone.unet_parameters() < FULL_SIZE_PARAMETERS:
         return None
     instant = resolve_config(registry, preset="instant", load=cfg.load, seed=cfg.seed, width=cfg.width)
     pass_s = time_one_forward(backbone, work_size, compute_dtype(backbone, cfg))

@@ -47,13 +47,14 @@ class ToyBackbone(Backbone):
         return self._ddim
 
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        return self._ddim.step(z, eps, t)
+        return (self._ddim or self.sampler(50)).step(z, eps, t)
 
     def invert(self, z0: torch.Tensor, start: int, on_step: Any = None) -> torch.Tensor:
         z = z0
-        ts = list(reversed(self._ddim.timesteps[start:]))
+        ddim = self._ddim or self.sampler(50)
+        ts = list(reversed(ddim.timesteps[start:]))
         for k, t in enumerate(ts):
-            z = self._ddim.invert_step(z, self.eps(z, t), t)
+            z = ddim.invert_step(z, self.eps(z, t), t)
             if on_step is not None:
                 on_step(k + 1, len(ts))
         return z

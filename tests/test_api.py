@@ -56,7 +56,7 @@ def test_api_errors_do_not_name_cli_flags():
 
 def test_writers_are_public_and_documented():
     import gooddrag
-    from gooddrag.plugins import outputs
+    from gooddrag.app import outputs
 
     for obj in (gooddrag.Editor, gooddrag.EditResult, gooddrag.prepare_input, outputs.GifWriter, outputs.TraceWriter,
                 outputs.ProgressDisplay):

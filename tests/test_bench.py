@@ -314,7 +314,7 @@ def test_local_runner_loads_no_worker_without_jobs():
 
 
 def test_score_on_a_bench_folder_reads_samples_subfolder(tmp_path):
-    from gooddrag.app.bench.run import find_result
+    from gooddrag.app.bench.score import find_result
 
     (tmp_path / "samples" / "cat" / "x").mkdir(parents=True)
     (tmp_path / "samples" / "cat" / "x" / "result.png").write_bytes(b"")
@@ -411,7 +411,7 @@ def test_second_bench_on_the_same_out_is_refused_naming_the_holder(d100, tmp_pat
 
 
 def test_shards_share_one_out_but_a_shard_runs_once(d100, tmp_path):
-    from gooddrag.app.bench.run import lock_out
+    from gooddrag.app.bench.lock import lock_out
     from gooddrag.core.errors import BadInputError
 
     out = tmp_path / "o"

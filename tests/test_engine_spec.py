@@ -140,3 +140,18 @@ def test_per_image_lora_trains_once_then_loads_from_cache(tiny_editor):
     r3 = tiny_editor.edit(image, [((8, 8), (20, 20))], **{**kw, "lora": "off"})
     assert r3.report["lora"] == "off" and not any("lora_" in n for n, _ in b.unet.named_parameters())
     assert r3.image.tobytes() != r1.image.tobytes()
+
+
+def test_ddim_step_works_before_any_sampler_is_asked_for(tiny_backbone):
+    """A backbone's DDIM step and inversion use the method's 50-step sampler until an edit asks for
+    its own (they once failed with an AttributeError on a fresh backbone)."""
+    import torch
+
+    from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
+
+    fresh = TinyRandomBackbone.load(device="cpu")
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    expected = tiny_backbone.sampler(50).step(z, eps, 741)
+    assert torch.equal(fresh.ddim_step(z, eps, 741), expected)
+    assert fresh.invert(z, 49).shape == z.shape

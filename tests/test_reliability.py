@@ -18,7 +18,7 @@ from PIL import Image
 
 from gooddrag.app import cli
 from gooddrag.core.editor import Editor
-from gooddrag.core.errors import BadInputError, GoodDragError
+from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning
 from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 
@@ -353,7 +353,7 @@ def test_an_os_error_while_writing_is_one_line_and_keeps_the_old_set(tmp_path, c
 
 
 def test_bench_shards_with_different_counts_on_one_out_are_refused(tmp_path):
-    from gooddrag.app.bench.run import lock_out
+    from gooddrag.app.bench.lock import lock_out
 
     out = tmp_path / "out"
     out.mkdir()
@@ -577,3 +577,71 @@ def test_score_flags_an_empty_mask_refuses_foreign_run_json_and_fails_when_nothi
     shutil.rmtree(res / "owl_2")
     code, _, err = _score([res, root, "--out", tmp_path / "s3"], capsys)
     assert code == 2 and err.startswith("error: nothing could be scored: all 2 results found"), err
+
+
+# --- 6. the local Ray ---------------------------------------------------------------------------------------
+
+class _FakeRay:
+    """Records what the runner asks of Ray (a real local instance may only start in the loopback-only
+    namespace of tests/test_ray_runner.py)."""
+
+    def __init__(self, running_cluster: bool = False):
+        self.calls, self.running, self.up = [], running_cluster, False
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kw):
+        self.calls.append(kw)
+        if kw.get("address") == "auto" and not self.running:
+            raise ConnectionError("Could not find any running Ray instance.")
+        if kw.get("_temp_dir"):
+            Path(kw["_temp_dir"], "session_latest").mkdir()  # as Ray fills its session folder
+        self.up = True
+
+    def shutdown(self):
+        self.up = False
+
+
+def test_the_local_ray_sends_nothing_warns_that_it_listens_and_removes_its_session(monkeypatch):
+    from gooddrag.plugins.runners.ray import LISTENS_WARNING, RayRunner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    fake = _FakeRay()
+    runner = RayRunner()
+    with pytest.warns(GoodDragWarning) as caught:
+        assert runner._connect(fake) is True
+    local = fake.calls[-1]
+    assert local["address"] == "local"
+    assert local["include_dashboard"] is False and os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    temp = Path(local["_temp_dir"])
+    assert temp.is_dir() and str(temp).startswith("/tmp/gdray-")
+    assert [str(w.message) for w in caught if issubclass(w.category, GoodDragWarning)] == [LISTENS_WARNING]
+    fake.shutdown()
+    runner._cleanup()
+    assert not temp.exists()
+
+
+def test_ray_joins_a_cluster_already_running_here_without_starting_one(monkeypatch):
+    from gooddrag.plugins.runners.ray import RayRunner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    fake = _FakeRay(running_cluster=True)
+    assert RayRunner()._connect(fake) is True
+    assert [c["address"] for c in fake.calls] == ["auto"]
+
+
+def test_the_weights_digest_ignores_adapters_a_path_lora_left_behind(tiny_editor, tmp_path):
+    """A LoRA loaded by path and dropped again leaves peft's wrapper layers: the digest (so the cache
+    key) of the model must not change, or a fresh process would miss the cache."""
+    from gooddrag.plugins.backbones.fingerprint import tensors_digest
+
+    unet, lora = tiny_editor.backbone.unet, tiny_editor.backbone.lora
+    lora.drop()  # an earlier edit's LoRA stays fused until the next edit drops it
+    before = tensors_digest(unet, sample=1024)
+    first = tiny_editor.edit(random_image(32, 32, seed=41), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    tiny_editor.edit(random_image(32, 32, seed=41), [((8, 8), (20, 20))],
+                     lora=first.report["lora"].split(" ", 1)[1], **{**_LORA_KW, "overrides": _LORA_KW["overrides"][4:]})
+    lora.drop()
+    assert tensors_digest(unet, sample=1024) == before

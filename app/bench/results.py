@@ -392,3 +392,27 @@ def summary_table(summary: dict) -> Any:
 
 def md_num(v: Any) -> str:
     return fmt_cell(v, ".4g", "-")
+
+
+def load_result(path: Path) -> Image.Image:
+    """A result image, decoded like every input (regular file, size limit, 16-bit, orientation)."""
+    from gooddrag.core.inputs import open_image
+
+    return open_image(path, "result").convert("RGB")
+
+
+def fill_from_report(row: dict, report: dict, sample: Sample, path: Path | None = None) -> None:
+    """Final handles and timings from an edit's run.json; a field of the wrong type is an error
+    naming the file (a hand-edited or foreign run.json must not crash the whole run)."""
+    try:
+        row["final_handles"] = final_points(report, len(sample.pairs))
+        where = (report.get("bench") or {}).get("worker")
+        row["placement"] = dict(where) if isinstance(where, dict) else None
+        t = report.get("timings_s") or {}
+        row["timings"] = {str(k): float(v) for k, v in t.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        drag_outcome(row, report, sample)
+    except (AttributeError, TypeError, ValueError) as exc:
+        row["final_handles"], row["timings"], row["placement"] = None, {}, None
+        raise BadInputError(f"{path or 'run.json'} has a field of the wrong type ({type(exc).__name__}); "
+                            "delete it to edit the sample again") from None

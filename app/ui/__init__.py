@@ -41,16 +41,40 @@ def build(settings: Any, registry: Any = None, pool: Any = None, host: str = "12
 
 
 def launch(settings: Any, *, host: str = "127.0.0.1", port: int | None = 7860, registry: Any = None,
-           pool: Any = None, block: bool = True, quiet: bool = False) -> Any:
+           pool: Any = None, block: bool = True, quiet: bool = False, max_upload_mb: float | None = None) -> Any:
     """Serve the editor on ``host:port`` (local only unless a host says otherwise; never a share link).
-    With ``block=False`` it returns the running page (``page.close()`` stops it)."""
-    from gooddrag.app.ui.page import CSS
+    With ``block=False`` it returns the running page (``page.close()`` stops it). The server's limits
+    (upload size, same-origin writes, the files it serves; app/ui/security.py) are set here."""
+    from starlette.middleware import Middleware
 
-    page = build(settings, registry, pool, host=host)
-    page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-                show_error=False, quiet=quiet, ssr_mode=False, mcp_server=False, footer_links=["gradio", "settings"], css=CSS,
-                allowed_paths=[str(Path(settings.out).resolve())])
+    from gooddrag.app.ui.page import CSS
+    from gooddrag.app.ui.security import MAX_UPLOAD_MB, ServerFiles, ServerGuard
+
+    files = ServerFiles()  # before the page is built: its components keep their cache folder
+    try:
+        page = build(settings, registry, pool, host=host)
+        page.queue(default_concurrency_limit=1)
+        mb = MAX_UPLOAD_MB if max_upload_mb is None else max_upload_mb
+        page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
+                    show_error=False, quiet=quiet, ssr_mode=False, mcp_server=False,
+                    footer_links=["gradio", "settings"], css=CSS, allowed_paths=[str(Path(settings.out).resolve())],
+                    max_file_size=int(mb * 1024 * 1024),
+                    app_kwargs={"middleware": [Middleware(ServerGuard, listen_host=host, served=[str(files.folder)])]})
+    except BaseException:
+        files.cleanup()
+        raise
+    if block:
+        files.cleanup()
+        return page
+    close = page.close
+
+    def close_and_clean(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return close(*args, **kwargs)
+        finally:
+            files.cleanup()
+
+    page.close = close_and_clean
     return page
 
 

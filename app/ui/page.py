@@ -20,7 +20,8 @@ from gooddrag.app.ui import work
 from gooddrag.app.ui.controls import ParamControls
 from gooddrag.app.ui.points import (compare_component, compare_update, parse_points, points_component,
                                     points_update, result_component, result_update)
-from gooddrag.core.config import STRATEGY_KINDS, LoadOptions, resolve_config
+from gooddrag.app.ui.security import check_lora_path
+from gooddrag.core.config import LORA_PATH_FIELDS, STRATEGY_KINDS, LoadOptions, resolve_config
 from gooddrag.core.errors import BadInputError, GoodDragError
 from gooddrag.core.inputs import prepare_input
 from gooddrag.core.lora import LoraParams
@@ -57,6 +58,8 @@ class UiSettings:
     preset: str = "gooddrag"
     out: Path = attrs.field(converter=Path)
     samples: Path = attrs.field(converter=Path)
+    #: the only folders the LoRA path field may read (app/ui/security.py), besides the --lora given at start
+    lora_dirs: tuple[Path, ...] = attrs.field(default=(), converter=lambda v: tuple(Path(x) for x in v))
 
 
 def _doc(comp: Any) -> str:
@@ -346,10 +349,14 @@ def _options(ui: Panels, settings: UiSettings, registry: Registry, preset, sched
         if chosen[kind] == name:
             overrides[kind] = pc.overrides(list(vals))
     lora = (path or "").strip() if mode == "path" else mode
-    if lora != "off":  # the LoRA's settings mean nothing (and say so in run.json) when it is off
-        overrides["lora"] = ui.lora_pc.overrides(list(values[i:]))
+    # the page sends every LoRA control: pass on only those that apply, so the log stays quiet
+    overrides["lora"] = {k: v for k, v in ui.lora_pc.overrides(list(values[i:])).items()
+                         if mode == "auto" or (mode == "path" and k in LORA_PATH_FIELDS)}
     if mode == "path" and not lora:
         raise BadInputError("LoRA 'path' is selected but no path is given; type one or pick auto/off")
+    if mode == "path":
+        lora = check_lora_path(lora, [*settings.lora_dirs, *([settings.lora] if settings.lora not in
+                                                             ("auto", "off") else [])])
     reused = []
     if reuse and reuse.get("lora") and mode == "auto":
         lora = reuse["lora"]

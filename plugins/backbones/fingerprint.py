@@ -80,6 +80,9 @@ def tensors_digest(module: torch.nn.Module, sample: int | None = None) -> str:
     ``sample``, of at most that many evenly strided values of each tensor."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
+        if "lora_" in name:  # an adapter's own weights: not the model's
+            continue
+        name = name.replace(".base_layer.", ".")  # peft's wrapper stays after its adapter is dropped
         t = t.detach()
         if sample is not None and t.numel() > sample:
             t = t.reshape(-1)[:: t.numel() // sample][:sample]

@@ -41,6 +41,10 @@ def _hub_hint(what: str, name: str) -> str:
             f"(hf download {name}) or give the {what} as a local copy (a diffusers folder or a file)")
 
 
+#: DDIM steps of the method's sampler, used until an edit asks for its own
+DEFAULT_NUM_STEPS = 50
+
+
 class StableDiffusionBackbone:
     """Stable Diffusion 1.x/2.x through diffusers (SD1.5 by default, with the ft-MSE VAE)."""
 
@@ -271,6 +275,9 @@ class StableDiffusionBackbone:
     # --- sampler ------------------------------------------------------------------------------
 
     def sampler(self, num_steps: int) -> DDIM:
+        """The DDIM sampler with ``num_steps`` steps; it becomes the one ``ddim_step`` and ``invert`` use
+        (the engine asks for the schedule's at the start of every edit; before any is asked for,
+        they use the method's 50 steps)."""
         if self._ddim is None or self._ddim.num_steps != num_steps:
             cfg = self.pipe.scheduler.config
             self._ddim = DDIM(self.alphas_cumprod, num_steps, self.num_train_timesteps, int(cfg.get("steps_offset", 1)),
@@ -278,12 +285,12 @@ class StableDiffusionBackbone:
         return self._ddim
 
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        return self._ddim.step(z, eps, t)
+        return (self._ddim or self.sampler(DEFAULT_NUM_STEPS)).step(z, eps, t)
 
     def invert(self, z0: torch.Tensor, start: int, on_step: Any = None) -> torch.Tensor:
         """DDIM-invert the clean latent up to timesteps[start] (38 steps to t=741 by default);
         ``on_step(step, total)`` after each step (progress, cancellation)."""
-        ddim = self._ddim
+        ddim = self._ddim or self.sampler(DEFAULT_NUM_STEPS)
         z = z0
         ts = list(reversed(ddim.timesteps[start:]))
         with torch.no_grad():

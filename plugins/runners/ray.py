@@ -7,6 +7,13 @@ dies is restarted (``max_restarts``) and the sample it was editing is retried th
 (``max_task_retries``); a Python exception is not retried by Ray. A sample whose worker kept dying
 comes back as ``JobLost`` once. Ray is the optional extra ``gooddrag[ray]`` and is imported only
 when this runner runs. See docs/scale-out.md.
+
+Without an address (and no ``RAY_ADDRESS``, no cluster already running on this machine) the runner
+starts a private local instance: it sends no usage statistics (``RAY_USAGE_STATS_ENABLED=0``),
+starts no dashboard, keeps its session files in a fresh folder under /tmp that is removed when the
+run ends, and warns in one line that Ray's own servers listen on every interface: Ray 2.60 binds
+its gRPC servers to all addresses and replaces a loopback node address by the machine's own, so
+there is no setting that keeps them on loopback.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 
-from gooddrag.core.errors import RequirementError, RunnerError
+from gooddrag.core.errors import GoodDragWarning, RequirementError, RunnerError
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 from gooddrag.core.runners import JobLost, RunnerEvent
@@ -30,6 +40,10 @@ EXTRA = "pip install 'gooddrag[ray]'"
 POLL_S = 1.0
 #: fetching a finished result (images and files of one sample, possibly from another node)
 FETCH_TIMEOUT_S = 600.0
+#: said once when the runner starts its own local Ray instance
+LISTENS_WARNING = ("the local Ray instance started for this bench listens on the network (Ray cannot bind its "
+                   "servers to loopback); on an untrusted network, start Ray yourself behind a firewall and pass "
+                   "--runner-param ray.address=HOST:PORT (docs/scale-out.md)")
 
 
 def _non_negative(inst: Any, attr: Any, value: Any) -> None:
@@ -120,9 +134,19 @@ class RayRunner:
 
     def _connect(self, ray: Any) -> bool:
         """Join (or start) the cluster; True when this call started the connection (so ends it)."""
+        self._temp = None
         if ray.is_initialized():
             return False
-        address = self.params.address or None
+        address = self.params.address or os.environ.get("RAY_ADDRESS") or None
+        if address in (None, "local"):
+            if address is None:
+                try:  # a cluster already started on this machine ('ray start')
+                    ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
+                    return True
+                except ConnectionError:
+                    pass
+            self._start_local(ray)
+            return True
         try:
             ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError depending on the address form
@@ -131,6 +155,24 @@ class RayRunner:
                               f"{msg}; start one with 'ray start --head' or fix --runner-param "
                               "ray.address=HOST:PORT") from None
         return True
+
+    def _start_local(self, ray: Any) -> None:
+        """A private local instance (see the module docstring); its session folder is ``self._temp``."""
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no report to the usage-stats server
+        self._temp = tempfile.mkdtemp(prefix="gdray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        try:
+            ray.init(address="local", _temp_dir=self._temp, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING")
+        except Exception as exc:
+            self._cleanup()
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RunnerError(f"cannot start a local Ray instance: {msg}") from None
+        warnings.warn(LISTENS_WARNING, GoodDragWarning, stacklevel=3)
+
+    def _cleanup(self) -> None:
+        if getattr(self, "_temp", None):
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
 
     def _plan(self, ray: Any, n_jobs: int) -> tuple[int, float, float]:
         """(actors, GPUs each, CPUs each) from the cluster's resources and the params."""
@@ -241,6 +283,7 @@ class RayRunner:
                 ray.kill(slot.handle, no_restart=True)
             if started:
                 ray.shutdown()
+                self._cleanup()  # the local instance's session folder
 
 
 def _line(exc: BaseException) -> str:
