@@ -221,7 +221,9 @@ def runs(settings) -> list[Path]:
 
 def status_text(page) -> str:
     """The status line's own text (without gradio's elapsed-time counter shown while an event is pending)."""
-    return re.sub(r"^\s*(?:[\d.]+\s*/\s*)?[\d.]+s\s*", "", page.locator("#status").inner_text()).strip()
+    lines = page.locator("#status").inner_text().splitlines()
+    tracker = re.compile(r"^\s*(processing\s*\|.*|queue:.*|[\d./]+s)\s*$")  # "processing | 0.3/1.1s", "0.1s"
+    return "\n".join(x for x in lines if x.strip() and not tracker.match(x)).strip()
 
 
 def wait_for_runs(page, settings, n: int, stale: str = "") -> None:
