@@ -61,14 +61,16 @@ def edit(
     lora: str = O.LORA,
     prompt: str = typer.Option("", "--prompt", help="Text prompt (the method uses the empty prompt)."),
     seed: int = O.SEED,
-    width: Optional[int] = O.WIDTH_AUTO,
+    width: Optional[int] = O.WIDTH,
     gif: bool = typer.Option(False, "--gif", help="Also write drag.gif: after each drag, the image the model "
-                             "predicts, with targets (blue), original handles (red) and current handles (green)."),
+                             "predicts, with targets (blue), original handles (red) and current handles (yellow/black rings)."),
     frames: bool = typer.Option(False, "--frames", help="Also write those animation frames as frames/frame_NNN.png."),
     mp4: bool = typer.Option(False, "--mp4", help="Also write the animation as drag.mp4 (needs the video extra: "
                              "pip install 'gooddrag[video]')."),
     trace: bool = typer.Option(False, "--trace", help="Also write trace.jsonl (every step and tracking)."),
     out: Optional[Path] = O.OUT,
+    latents: Optional[Path] = typer.Option(None, "--latents", help="latents.safetensors written by gooddrag "
+                                           "generate for IMAGE: the edit starts from them (no inversion, no LoRA)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved config; load no model."),
     load: LoadOptions = None,
 ) -> None:
@@ -91,7 +93,16 @@ def edit(
     pairs = load_points_file(points_file) if points_file else parse_points(points)
     if not pairs:
         raise BadInputError("no points given; pass --points HX,HY:TX,TY or --points-file points.json")
+    start = None
+    if latents is not None:
+        from gooddrag.core.latents import StartLatents
+
+        start = StartLatents.load(latents)
+        if not prompt and start.info.get("prompt"):
+            prompt = str(start.info["prompt"])  # the edit denoises with the generation's prompt
     inp = prepare_input(image, pairs, mask, width=width)
+    if start is not None:
+        start.check(cfg.schedule_params.num_inference_steps, inp.work_size)  # before the model loads
     for note in inp.warnings:  # shown once: the edit below warns the same notes again
         warnings.warn(note, GoodDragWarning)
     if dry_run:
@@ -133,14 +144,15 @@ def edit(
         if estimate:
             typer.echo(estimate, err=True)
         try:
-            result = editor.run(inp, cfg, prompt=prompt, plugins=plugins)
+            result = editor.run(inp, cfg, prompt=prompt, plugins=plugins, start_latents=start)
         finally:
             if tracer:
                 tracer.close()
             if progress:
                 progress.stop()
         result.report["input"] = {"image": str(image), "mask": str(mask) if mask else None,
-                                  "points_file": str(points_file) if points_file else None}
+                                  "points_file": str(points_file) if points_file else None,
+                                  "latents": str(latents) if latents else None}
         write_result_files(tmp, inp.image, result)
         if gif:
             gifw.save_gif(tmp / "drag.gif", result.image, result.points)
@@ -154,6 +166,48 @@ def edit(
     r = result.report
     typer.echo(f"wrote {out}/result.png ({r['stop_reason']} after {r['gradient_steps']} steps; "
                f"final handles {r['final_handles_xy']})")
+
+
+@app.command()
+@O.with_load_options
+def generate(
+    prompt: str = typer.Argument(..., help="What the image shows."),
+    out: Path = typer.Option(..., "--out", help="Folder for image.png, latents.safetensors and generation.json."),
+    seed: int = O.SEED,
+    steps: int = typer.Option(50, "--steps", help="DDIM steps; edit it with the same schedule.num_inference_steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (1 = none)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in px, a multiple of 8 (default: the model's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in px, a multiple of 8 (default: the width)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt (the unconditional branch)."),
+    load: LoadOptions = None,
+) -> None:
+    """Generate an image from a prompt and keep its denoising latents, so `gooddrag edit IMAGE --latents
+    DIR/latents.safetensors` drags it without inverting it."""
+    from gooddrag.core.registry import default_registry
+
+    if steps < 1:
+        raise BadInputError(f"--steps {steps}: give at least 1")
+    if guidance <= 0:
+        raise BadInputError(f"--guidance {guidance}: give a positive scale (1 = no guidance)")
+    for name, v in (("--width", width), ("--height", height)):
+        if v is not None and (v % 8 or v < 16):
+            raise BadInputError(f"{name} {v}: give a multiple of 8, at least 16")
+    from gooddrag.app.outputs.files import staging
+
+    reg = default_registry()
+    O.silence_libraries(reg)
+    from gooddrag.core.editor import Editor
+
+    editor = Editor.from_pretrained(load, registry=reg)
+    image, latents = editor.generate(prompt, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                                     negative=negative)
+    with staging(out, replaces=("image.png", "latents.safetensors", "generation.json")) as tmp:
+        image.save(tmp / "image.png")
+        latents.save(tmp)
+    w, h = image.size
+    typer.echo(f"wrote {out}/image.png ({w}x{h}, {steps} steps) with its latents; drag it with: gooddrag edit "
+               f"{out}/image.png --latents {out}/latents.safetensors --width {w} "
+               f"-p schedule.num_inference_steps={steps} --points HX,HY:TX,TY --out DIR")
 
 
 @app.command()
@@ -210,7 +264,7 @@ def ui(
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
     preset: str = O.PRESET,
     lora: str = O.LORA,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for each edit's files (default: a temp folder)."),
     samples: Path = typer.Option(Path("gooddrag-samples"), "--samples",
                                  help='Folder that "save as sample" writes Drag100 samples into.'),
@@ -226,6 +280,10 @@ def ui(
 
     require_gradio()
     reg = default_registry()
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(reg, load.model, load.backbone, load.model_config)
     resolve_config(reg, preset=preset, load=load, lora=lora, width=width)  # bad options fail here, before serving
     O.silence_libraries(reg)
     from gooddrag.app.ui.page import UiSettings

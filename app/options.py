@@ -50,8 +50,7 @@ PARAM = typer.Option([], "-p", "--param", help="Set a parameter as kind.field=va
                      "lora, backbone (see 'gooddrag plugins --params'); repeatable.")
 LORA = typer.Option("auto", "--lora", help="auto (train once per image, cached), off, or a LoRA path.")
 SEED = typer.Option(0, "--seed", help="Random seed.")
-WIDTH = typer.Option(512, "--width", help="Working width in pixels (the method: 512; height follows the aspect).")
-WIDTH_AUTO = typer.Option(None, "--width", help="Working width in pixels (height follows the aspect); by default "
+WIDTH = typer.Option(None, "--width", help="Working width in pixels (height follows the aspect); by default "
                           "the model's own: SD1.5 512 (the method's), SD 2.x 768, SDXL 1024.")
 OUT = typer.Option(None, "--out", help="Output folder.")
 
@@ -67,5 +66,5 @@ def silence_libraries(registry: Any) -> None:
             component.quiet()
 
 
-__all__ = ["with_load_options", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "SEED", "WIDTH", "WIDTH_AUTO", "OUT",
+__all__ = ["with_load_options", "PRESET", "SCHEDULE", "LOSS", "TRACKER", "PARAM", "LORA", "SEED", "WIDTH", "OUT",
            "List", "Optional"]

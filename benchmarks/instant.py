@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class PhaseLog:
                                 "since_edit_start_s": round(now - self.t0, 2)}) + "\n")
 
 
+def sample_passes(passes, path: Path, t0: float, every_s: float = 60.0) -> None:
+    """Every minute, the UNet passes done so far (the backbone's counter; Python ints, no sync)."""
+    while True:
+        time.sleep(every_s)
+        with path.open("a") as f:
+            f.write(json.dumps({"since_edit_start_s": round(time.perf_counter() - t0, 1),
+                                "unet_forward": passes.forward, "unet_backward": passes.backward}) + "\n")
+
+
 def child(args: argparse.Namespace) -> None:
     import resource
 
@@ -64,6 +74,8 @@ def child(args: argparse.Namespace) -> None:
     log = Path(args.result).with_suffix(".phases.jsonl")
     t0 = time.perf_counter()
     plugin = PhaseLog(log, t0)
+    watch = threading.Thread(target=sample_passes, args=(backbone.passes, log, t0), daemon=True)
+    watch.start()  # an edit that cannot finish still shows how fast its passes ran
     r = editor.edit(image, pairs, preset=args.child, lora="auto", width=args.width, plugins=[plugin])
     wall = time.perf_counter() - t0
     rep = r.report
@@ -96,7 +108,7 @@ def main() -> None:
                                 "--device", args.device, "--width", str(args.width)], env=env)
         phases = result.with_suffix(".phases.jsonl")
         row = json.loads(result.read_text()) if code == 0 and result.exists() else {"preset": preset, "failed": code}
-        row["phases_as_they_ended"] = [json.loads(x) for x in phases.read_text().splitlines()] if phases.exists() else []
+        row["progress"] = [json.loads(x) for x in phases.read_text().splitlines()] if phases.exists() else []
         out["runs"].append(row)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(json.dumps(row), flush=True)

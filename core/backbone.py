@@ -50,6 +50,7 @@ class Backbone(Protocol):
     supports_mixed: bool = False  # mixed() context, compute_dtype attribute, unet_parameters()
     configurable: bool = False  # configure(params) after loading
     compiled: bool = False  # compile() ran and has not fallen back
+    passes: Any = None  # a core.engine.UNetPasses counting its UNet passes (the report's unet_passes), or None
 
     def optimize(self) -> None:
         """Speed settings that change no result (called after loading unless faithful)."""
@@ -113,7 +114,9 @@ class BackboneClass(Protocol):
 #: the methods every loaded backbone must have, and what each optional flag adds
 REQUIRED_METHODS = ("sampler", "ddim_step", "invert", "set_prompt", "use_lora", "encode", "decode", "eps",
                     "eps_and_features", "upsample_features", "eps_mutual", "mutual_attention")
-REQUIRED_ATTRIBUTES = ("device", "dtype", "attention", "model_id", "feature_scale", "default_width")
+REQUIRED_ATTRIBUTES = ("name", "device", "dtype", "attention", "model_id", "feature_scale", "default_width", "vae_id",
+                       "params", "fast_paths", "compiled", "passes", "supports_low_memory", "supports_compile",
+                       "supports_mixed", "configurable")  # the last ones: declared, or inherited from Backbone
 CAPABILITIES = {
     "supports_low_memory": ("set_low_memory",),
     "supports_compile": ("compile", "is_compile_error", "fall_back_to_eager"),

@@ -16,9 +16,10 @@ import torch
 from gooddrag.core.backbone import capability, contract_problems, require, select_backbone
 from gooddrag.core.config import DEFAULT_MODEL, OVERRIDE_KINDS, EditConfig, LoadOptions, resolve_config
 from gooddrag.core.devices import DTYPE_NAMES
-from gooddrag.core.engine import EditResult, run_edit
+from gooddrag.core.engine import EditResult, generate, run_edit
 from gooddrag.core.errors import ConfigError, GoodDragWarning
 from gooddrag.core.inputs import EditInput, Pair, prepare_input
+from gooddrag.core.latents import StartLatents
 from gooddrag.core.registry import Registry, default_registry
 
 log = logging.getLogger("gooddrag")
@@ -43,7 +44,7 @@ class Editor:
         self.registry = registry or default_registry()
         b = backbone
         loaded = dict(model=b.model_id, vae=b.vae_id, device=str(b.device), dtype=DTYPE_NAMES[b.dtype],
-                      attention=b.attention)
+                      attention=b.attention, backbone=b.name)  # the backbone that claimed the model
         #: what was asked for (``device="auto"``) and what it became (``device="cpu"``)
         self.requested = attrs.evolve(load or LoadOptions(**loaded), **options)
         self.load = attrs.evolve(self.requested, **loaded)
@@ -130,8 +131,10 @@ class Editor:
             warnings.warn(note, GoodDragWarning, stacklevel=2)
         return self.run(inp, cfg, prompt=prompt, plugins=plugins)
 
-    def run(self, inp: EditInput, cfg: EditConfig, *, prompt: str = "", plugins: Iterable[Any] = ()) -> EditResult:
+    def run(self, inp: EditInput, cfg: EditConfig, *, prompt: str = "", plugins: Iterable[Any] = (),
+            start_latents: StartLatents | None = None) -> EditResult:
         """Run one edit of a validated input with a resolved config (``core.engine.run_edit``).
+        ``start_latents``: the image's known trajectory (``Editor.generate``): no inversion.
 
         Edits on one Editor run one at a time (a second thread waits for the first)."""
         if plugins is None or isinstance(plugins, (str, bytes, dict)) or not hasattr(plugins, "__iter__"):
@@ -154,13 +157,24 @@ class Editor:
             with _registered(self.registry.pm, plugins), _recorded_warnings(notes), \
                     _tf32(not cfg.load.faithful and self.backbone.device.type == "cuda"):
                 try:
-                    return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes)
+                    return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes, start_latents)
                 except Exception as exc:  # a compile error the backbone could not catch (in a backward pass)
                     b = self.backbone
                     if not (b.compiled and b.is_compile_error(exc)):
                         raise
                     b.fall_back_to_eager(exc)
-                    return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes)
+                    return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes, start_latents)
+
+
+    def generate(self, prompt: str, *, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+                 width: int | None = None, height: int | None = None, negative: str = "") -> tuple[Any, StartLatents]:
+        """An image from ``prompt`` and its denoising latents (``core.engine.generate``); drag it with
+        ``run(inp, cfg, start_latents=latents)`` (no inversion). Size: the model's own by default."""
+        size = getattr(self.backbone, "default_width", 512)
+        with self._lock:
+            self.backbone.use_lora("off", None, None)  # the generation belongs to the model without a LoRA
+            return generate(self.backbone, prompt, seed=seed, steps=steps, guidance=guidance,
+                            width=width or size, height=height or width or size, negative=negative)
 
     def _configure_backbone(self, params: Any) -> None:
         b = self.backbone

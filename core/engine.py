@@ -17,6 +17,7 @@ scalar stop checks the schedule needs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import attrs
@@ -27,6 +28,7 @@ from gooddrag.core.config import schedule_needs
 from gooddrag.core.ddim import start_index as _start_index
 from gooddrag.core.devices import DTYPE_NAMES, resolve_precision
 from gooddrag.core.errors import ConfigError, DivergedError
+from gooddrag.core.latents import StartLatents
 from gooddrag.core.geometry import FeatureMap, Features, point_vectors
 from gooddrag.core.report import PhaseTimer, device_name, peak_mb, versions
 
@@ -78,7 +80,8 @@ class Reference:
     """
 
     def __init__(self, backbone: Any, z_start: torch.Tensor, indices: list[int], timesteps: list[int],
-                 patch_features: bool = False, passes: bool = True):
+                 patch_features: bool = False, passes: bool = True,
+                 on_step: Callable[[int, int], None] | None = None):
         self.backbone = backbone
         self.patch_features = patch_features  # hand out FeatureMaps (computed where read), not dense maps
         self.latents: dict[int, torch.Tensor] = {}
@@ -99,6 +102,8 @@ class Reference:
                 self._lowres[t] = feats
                 z = backbone.ddim_step(z, eps, t)
                 self.prev[t] = z
+                if on_step is not None:
+                    on_step(k + 1 - min(indices), max(indices) + 1 - min(indices))
             self.latents[max(indices) + 1] = z
 
     def features(self, t: int) -> Features:
@@ -119,7 +124,7 @@ class Events:
     def __init__(self, hook: Any | None):
         self._hook = hook
         names = ("gooddrag_drag_step", "gooddrag_points_tracked", "gooddrag_drag_stopped",
-                 "gooddrag_phase", "gooddrag_preview")
+                 "gooddrag_phase", "gooddrag_phase_step", "gooddrag_preview")
         self._on = {n: bool(hook is not None and getattr(hook, n).get_hookimpls()) for n in names}
 
     def step(self, timestep: int, drag: int, step: int, parts: LossParts) -> None:
@@ -138,6 +143,15 @@ class Events:
     def phase(self, name: str, status: str) -> None:
         if self._on["gooddrag_phase"]:
             self._hook.gooddrag_phase(name=name, status=status)
+
+    def phase_step(self, name: str, step: int, total: int) -> None:
+        if self._on["gooddrag_phase_step"]:
+            self._hook.gooddrag_phase_step(name=name, step=step, total=total)
+
+    def step_callback(self, name: str) -> Any:
+        """``on_step(step, total)`` for a backbone's LoRA training or inversion loop; None (no call at
+        all) when no plugin listens."""
+        return (lambda step, total: self.phase_step(name, step, total)) if self._on["gooddrag_phase_step"] else None
 
     @property
     def wants_preview(self) -> bool:
@@ -299,43 +313,58 @@ class EditResult:
     report: dict[str, Any]
 
 
-def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, notes: list[str]) -> EditResult:
-    """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step."""
+def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, notes: list[str],
+             start_latents: StartLatents | None = None) -> EditResult:
+    """One drag edit of a validated ``EditInput`` with a resolved ``EditConfig``, step by step.
+    ``start_latents``: the image's known denoising trajectory (a generated image); the edit starts
+    from its latent at the schedule's start and skips the inversion (and the LoRA, which would
+    change the model that trajectory belongs to)."""
     b, hook = backbone, registry.pm.hook
     events = Events(hook)
-    timer = PhaseTimer(b.device, events, getattr(b, "passes", None))
+    timer = PhaseTimer(b.device, events, b.passes)  # the contract's optional counter (None: not counted)
     hook.gooddrag_edit_started(config=cfg, image_size=inp.size, points=inp.pairs)
     # 1. strategies: the config's schedule, loss and tracker, and the fast paths they allow
     s = Strategies.build(registry, cfg, b)
     compute = compute_dtype(b, cfg)
-    # autocasts the UNet passes only; a schedule with no reference and no loss makes no pass to autocast,
-    # so its weights are not split (splitting and joining SD1.5's UNet costs seconds on a CPU)
-    mixed = b.mixed if compute is not None and {"reference", "loss"} & s.needs else contextlib.nullcontext
+    if not {"lora", "reference", "loss"} & s.needs:  # no LoRA, reference or drag pass: nothing autocasts,
+        compute = None  # and the weights are not split (splitting SD1.5's UNet costs seconds on a CPU)
+    mixed = b.mixed if compute is not None else contextlib.nullcontext  # autocasts the UNet passes only
     torch.manual_seed(cfg.seed)
     b.set_prompt(prompt)
     image = inp.image_tensor().to(b.device)  # (1, 3, H, W) in [-1, 1]
     ddim = b.sampler(cfg.schedule_params.num_inference_steps)
     # 2. LoRA: fitted to this image once (cached on disk), loaded from a path, or off (always off for a
     #    schedule that needs none: "off" also drops a LoRA left by an earlier edit)
+    lora_mode = cfg.lora if "lora" in s.needs else "off"
+    if start_latents is not None and lora_mode != "off":
+        notes.append(f"LoRA off: the edit starts from the {start_latents.source} latents, which belong to the "
+                     "model without a LoRA")
+        lora_mode = "off"
     with timer("lora"):
-        lora_status = b.use_lora(cfg.lora if "lora" in s.needs else "off", image, cfg.lora_params)
+        lora_status = b.use_lora(lora_mode, image, cfg.lora_params, **on_step(b.use_lora, events, "lora"))
     # 3. inversion: z_T, the latent at the schedule's start timestep
     with timer("inversion"):
         start, indices = drag_window(s.schedule, len(ddim.timesteps))
-        z_start = invert(b, image, start, lora_status)
+        if start_latents is None:
+            z_start = invert(b, image, start, lora_status, events)
+            inversion = "ddim"
+        else:  # (1, 4, H/8, W/8), exact: no inversion error
+            w8, h8 = inp.work_size[0] // 8, inp.work_size[1] // 8
+            z_start = start_latents.at(start, len(ddim.timesteps), (h8, w8)).to(b.device, torch.float32)
+            inversion = f"skipped: the {start_latents.source} latents were reused"
     # 4 + 5. reference and drag, in one mixed-precision span (the weights are split once)
     with contextlib.ExitStack() as mixed_span:
         with timer("reference"):
             mixed_span.enter_context(mixed())
             ref = Reference(b, z_start, indices, ddim.timesteps, patch_features=s.patch_features,
-                            passes="reference" in s.needs)
+                            passes="reference" in s.needs, on_step=events.step_callback("reference"))
         ctx = s.context(b, inp, ddim.timesteps, start, z_start, ref, events)
         with timer("drag"):
             out = s.schedule.run(ctx)
             mixed_span.close()  # the exact fp32 weights are back before the finish (timed as drag)
     # 6. finish: denoise the edited and the reference latents together, with mutual self-attention
     with timer("finish"):
-        z = finish(b, ddim, ref, out)
+        z = finish(b, ddim, ref, out, events)
     # 7. decode to the input's size
     with timer("decode"):
         result = decode(b, z, inp.size)
@@ -357,6 +386,7 @@ def run_edit(backbone: Any, registry: Any, cfg: Any, inp: Any, prompt: str, note
         "start_timestep": ddim.timesteps[start],
         "drag_timesteps": [ddim.timesteps[k] for k in indices],
         "lora": lora_status,
+        "inversion": inversion,
         "device": str(b.device),
         "device_name": device_name(b.device),
         "dtype": cfg.load.dtype,
@@ -438,17 +468,26 @@ def compute_dtype(b: Any, cfg: Any) -> torch.dtype | None:
     return compute
 
 
-def invert(b: Any, image: torch.Tensor, start: int, lora_status: str) -> torch.Tensor:
+def on_step(method: Any, events: Events, phase: str) -> dict[str, Any]:
+    """``{"on_step": ...}`` for a backbone method that reports its steps (a third-party backbone's
+    may not take the argument), when a plugin listens to ``gooddrag_phase_step``; else ``{}``."""
+    callback = events.step_callback(phase)
+    if callback is None or "on_step" not in inspect.signature(method).parameters:
+        return {}
+    return {"on_step": callback}
+
+
+def invert(b: Any, image: torch.Tensor, start: int, lora_status: str, events: Events | None = None) -> torch.Tensor:
     """z_T: the image's latent DDIM-inverted to timestep index ``start`` (one host sync per edit)."""
     z0 = b.encode(image)  # (1, 4, H/8, W/8)
-    z_start = b.invert(z0, start)
+    z_start = b.invert(z0, start, **(on_step(b.invert, events, "inversion") if events is not None else {}))
     if not bool(torch.isfinite(z_start).all()):
         raise DivergedError(f"the inverted latent is NaN/inf before any drag: the model weights or the "
                             f"LoRA ({lora_status}) are broken; try lora off, or delete that LoRA")
     return z_start
 
 
-def finish(b: Any, ddim: Any, ref: Reference, out: Outcome) -> torch.Tensor:
+def finish(b: Any, ddim: Any, ref: Reference, out: Outcome, events: Events | None = None) -> torch.Tensor:
     """DDIM from ``out.next_index`` to t=0, the edited latent beside the reference one, the edited
     branch reading the reference's keys and values (mutual self-attention)."""
     z = out.latent.detach()
@@ -458,6 +497,8 @@ def finish(b: Any, ddim: Any, ref: Reference, out: Outcome) -> torch.Tensor:
             t = ddim.timesteps[k]
             eps_ref, eps = b.eps_mutual(z_ref, z, t)
             z_ref, z = ddim.step(z_ref, eps_ref, t), ddim.step(z, eps, t)
+            if events is not None:
+                events.phase_step("finish", k + 1 - out.next_index, len(ddim.timesteps) - out.next_index)
     # the drag's last latent (Outcome.finite, not read yet) and the finished one, in one host sync
     drag_ok = out.finite[0] if out.finite is not None else torch.ones((), dtype=torch.bool, device=z.device)
     drag_finite, finish_finite = torch.stack([drag_ok, torch.isfinite(z).all()]).tolist()
@@ -473,3 +514,35 @@ def decode(b: Any, z: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     x = b.decode(z)  # (1, 3, H, W) in [0, 1]
     arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
     return Image.fromarray(arr).resize(size, Image.BILINEAR)
+
+
+def generate(backbone: Any, prompt: str, *, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+             width: int = 512, height: int = 512, negative: str = "") -> tuple[Image.Image, StartLatents]:
+    """An image from ``prompt`` by DDIM sampling (classifier-free guidance ``guidance``; 1 = none),
+    with its whole trajectory: the latent fed to every step, so a drag can start from it instead of
+    inverting (``run_edit(..., start_latents=...)``)."""
+    b = backbone
+    if width % 8 or height % 8 or min(width, height) < 16:
+        raise ConfigError(f"generate at {width}x{height}: give a width and height that are multiples of 8, at least 16")
+    ddim = b.sampler(steps)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((1, 4, height // 8, width // 8), generator=gen).to(b.device)  # (1, 4, h, w)
+    latents: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for k, t in enumerate(ddim.timesteps):
+            latents[k] = z
+            b.set_prompt(prompt)
+            pred = b.eps(z, t)
+            if guidance != 1.0:
+                b.set_prompt(negative)
+                uncond = b.eps(z, t)
+                pred = uncond + guidance * (pred - uncond)
+            z = b.ddim_step(z, pred, t)
+        latents[len(ddim.timesteps)] = z
+    b.set_prompt(prompt)
+    if not bool(torch.isfinite(z).all()):
+        raise DivergedError("the generated latent is NaN/inf; try dtype fp32 or a lower guidance")
+    image = decode(b, z, (width, height))
+    info = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
+            "width": width, "height": height, "model": getattr(b, "model_id", "")}
+    return image, StartLatents(num_steps=steps, latents=latents, source="generation", info=info)

@@ -131,6 +131,13 @@ def gooddrag_phase(name: str, status: str) -> None:
 
 
 @hookspec
+def gooddrag_phase_step(name: str, step: int, total: int) -> None:
+    """Called after each step of a phase that counts its steps: ``lora`` (training steps; not
+    called for a cached or given LoRA), ``inversion``, ``reference`` and ``finish`` (denoising steps). ``step``
+    runs from 1 to ``total``; progress bars and cancellation (raise to stop) hook in here."""
+
+
+@hookspec
 def gooddrag_preview(timestep: int, drag: int, latent: Any, x0: Any, handles: Any) -> None:
     """Called after each drag (B-loop iteration), for animations and live previews: ``latent`` is the
     current latent (1, 4, h, w) at ``timestep`` (mostly noise), ``x0`` the clean latent the model

@@ -49,11 +49,14 @@ class ToyBackbone(Backbone):
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         return (self._ddim or self.sampler(50)).step(z, eps, t)
 
-    def invert(self, z0: torch.Tensor, start: int) -> torch.Tensor:
+    def invert(self, z0: torch.Tensor, start: int, on_step: Any = None) -> torch.Tensor:
         z = z0
         ddim = self._ddim or self.sampler(50)
-        for t in reversed(ddim.timesteps[start:]):
+        ts = list(reversed(ddim.timesteps[start:]))
+        for k, t in enumerate(ts):
             z = ddim.invert_step(z, self.eps(z, t), t)
+            if on_step is not None:
+                on_step(k + 1, len(ts))
         return z
 
     def set_prompt(self, prompt: str) -> None:

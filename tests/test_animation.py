@@ -11,7 +11,7 @@ from gooddrag.core.editor import Editor
 from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.inputs import prepare_input
 from gooddrag.app.outputs.files import to_pil
-from gooddrag.app.outputs.draw import CURRENT, HANDLE, TARGET
+from gooddrag.app.outputs.draw import CURRENT, HANDLE, TARGET, marker_radius, marker_ring_radius
 from gooddrag.app.outputs.gif import GifWriter, video_writer_available
 from gooddrag.testing.toy import ToyBackbone
 
@@ -69,8 +69,8 @@ def test_frames_draw_targets_original_and_current_handles_where_they_are(animate
         assert _px(frame, TARGET_XY) == TARGET
         assert _px(frame, HANDLE_XY) == HANDLE
         (cx, cy), = inp.to_image_px(handles)  # the engine's handles, (row, col) on the grid -> image px
-        r = max(2, W // 60) + max(1, max(2, W // 60) // 2)  # the ring's outer radius
-        assert _px(frame, (cx, cy - r)) == CURRENT  # the top of the green ring around the current handle
+        r = marker_ring_radius(marker_radius(frame.size))  # the middle of the marker's yellow ring
+        assert _px(frame, (cx, cy - r)) == CURRENT  # the top of the yellow ring around the current handle
         corner = np.asarray(frame)[:8, :40]
         assert (corner == 0).all(axis=-1).any() and (corner > 200).all(axis=-1).any()  # the t/drag label
     moved = [inp.to_image_px(c[4])[0] for c in rec.calls]

@@ -82,6 +82,25 @@ def test_backbone_is_chosen_from_the_model_files():
     assert select_backbone(reg, str(tiny_sdxl_pipeline_dir()), "stable-diffusion")[0].name == "stable-diffusion"
 
 
+def test_what_is_read_before_loading():
+    """The model's own configs say its pipeline, prediction type and width; claims read them."""
+    from gooddrag.core.backbone import model_width
+
+    reg = default_registry()
+    files = read_model(str(tiny_sd2_pipeline_dir()))
+    assert (files.source, files.pipeline_class, files.prediction_type) == ("folder", "StableDiffusionPipeline",
+                                                                           "v_prediction")
+    assert files.sample_width(512) == 64 == model_width(reg, str(tiny_sd2_pipeline_dir()))  # sample size 8 x 8
+    assert model_width(reg, "tiny-random") == 512
+    sd, sdxl = reg.get("backbone", "stable-diffusion"), reg.get("backbone", "stable-diffusion-xl")
+    real_sd21 = ModelFiles("x", "hub", "StableDiffusionPipeline", unet={"sample_size": 96},
+                           vae={"block_out_channels": [128, 256, 512, 512]})
+    assert sd.claims(real_sd21) and not sdxl.claims(real_sd21) and real_sd21.sample_width(512) == 768
+    inpaint = ModelFiles("x", "hub", "StableDiffusionPipeline", unet={"in_channels": 9})
+    refiner = ModelFiles("x", "hub", "StableDiffusionXLImg2ImgPipeline")
+    assert not any(cls.claims(f) for cls in (sd, sdxl) for f in (inpaint, refiner))
+
+
 def _configs_only(tmp_path: Path, source: Path, changes: dict) -> Path:
     """A model folder with the configs of ``source`` (no weights), edited."""
     out = tmp_path / "model"
@@ -261,21 +280,27 @@ def test_lora_trains_on_the_models_conditioning_and_target(which, sd2_editor, sd
     assert again.report["lora"].startswith("cached") and again.image.tobytes() == first.image.tobytes()
 
 
-@pytest.mark.parametrize("preset", ["gooddrag", "dragdiffusion"])
+SHORT = {"gooddrag": ["schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"],
+         "dragdiffusion": ["schedule.steps=2"], "instant": [],
+         "instant-refine": ["schedule.drag_timesteps=1", "schedule.drags_per_timestep=1"]}
+
+
+@pytest.mark.parametrize("preset", list(SHORT))
 def test_cli_edits_the_tiny_sdxl_and_sd2_end_to_end(preset, img, tmp_path, capsys):
+    """Every preset (schedules, losses, trackers, the warp) runs unchanged on both backbones, chosen
+    from the model folder's files with no flag."""
     from gooddrag.app import cli
 
-    for name, folder in (("sdxl", tiny_sdxl_pipeline_dir()), ("sd2", tiny_sd2_pipeline_dir())):
+    for name, folder, backbone in (("sdxl", tiny_sdxl_pipeline_dir(), "stable-diffusion-xl"),
+                                   ("sd2", tiny_sd2_pipeline_dir(), "stable-diffusion")):
         out = tmp_path / name
         code = cli.main(["edit", str(img), "--points", "8,8:30,20", "--model", str(folder), "--preset", preset,
                          "--lora", "off", "--width", "32", "-p", "schedule.num_inference_steps=10",
-                         *(["-p", "schedule.steps=2"] if preset == "dragdiffusion" else
-                           ["-p", "schedule.drag_timesteps=1", "-p", "schedule.drags_per_timestep=1"]),
-                         "--out", str(out)])
+                         *[x for kv in SHORT[preset] for x in ("-p", kv)], "--out", str(out)])
         assert code == 0, capsys.readouterr().err
         run = json.loads((out / "run.json").read_text())
         assert run["config"]["model"] == str(folder) and (out / "result.png").is_file()
-        assert run["config"]["preset"] == preset
+        assert run["config"]["preset"] == preset and run["config"]["backbone"] == backbone  # no --backbone
 
 
 # --- single-file checkpoints ---------------------------------------------------------------------------
@@ -309,3 +334,20 @@ def test_single_file_without_a_config_offline_says_what_is_missing(tmp_path):
         Editor.from_pretrained(str(file), device="cpu")
     msg = str(exc.value)
     assert "\n" not in msg and "no configs" in msg and "--model-config" in msg and "finetune.safetensors" in msg
+
+
+def test_sdxl_vae_stays_fp32_in_fp16_unless_it_can_take_it(tmp_path):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): with fp16 weights it runs in
+    fp32, the UNet and the text encoders in fp16; a VAE without force_upcast (what the fp16-fix VAE
+    is) stays in fp16."""
+    folder = tiny_sdxl_pipeline_dir()
+    b = Editor.from_pretrained(str(folder), device="cpu", dtype="fp16").backbone
+    assert (b.unet.dtype, b.vae.dtype, b.text_encoders[1].dtype) == (torch.float16, torch.float32, torch.float16)
+    z = b.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert z.dtype == torch.float32 and b.decode(z).shape == (1, 3, 64, 64)
+    fixed = tmp_path / "vae"
+    shutil.copytree(folder / "vae", fixed)
+    cfg = json.loads((fixed / "config.json").read_text())
+    (fixed / "config.json").write_text(json.dumps({**cfg, "force_upcast": False}))
+    b = Editor.from_pretrained(str(folder), device="cpu", dtype="fp16", vae=str(fixed)).backbone
+    assert b.vae.dtype == torch.float16 and b.vae_id == str(fixed)

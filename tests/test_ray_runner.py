@@ -175,8 +175,10 @@ def test_ray_bench_writes_what_the_local_runner_writes(d4, tmp_path, ray_cluster
     summary = json.loads((remote / "summary.json").read_text())
     assert summary["counts"] == json.loads((local / "summary.json").read_text())["counts"]
     assert summary["config"]["runner"] == "ray"
-    # both actors worked (each gets a sample as soon as its model is loaded); node and device recorded
-    assert {p["worker"] for p in summary["placement"].values()} == {"w0", "w1"}
+    # both actors started; each takes a sample as soon as its model is loaded, so on a loaded machine
+    # one may finish all four before the other is ready: which ones edited is timing, not asserted
+    # (that once made this test flaky); node and device are recorded for every sample
+    assert {p["worker"] for p in summary["placement"].values()} <= {"w0", "w1"}
     assert all(p["device"] == "cpu" and p["node"] for p in summary["placement"].values())
     tp = summary["throughput"]
     assert tp["workers"] == 2 and tp["edited"] == 4 and tp["samples_per_hour_per_worker"] > 0

@@ -233,3 +233,78 @@ def test_outputs_include_the_animation(tiny_editor, img, tmp_path):
     assert [q.name for q in paths] == ["result.png", "points.png", "run.json", "drag.gif"]
     assert Image.open(paths[3]).n_frames == 1 + 4 + 1  # the input, a preview per drag, then the result
     assert json.loads(paths[2].read_text())["config"]["schedule_params"]["drag_timesteps"] == 2
+
+
+def test_progress_says_the_step_of_each_phase_with_an_eta():
+    from gooddrag.app.ui.work import EditProgress
+
+    now = [0.0]
+    prog = EditProgress(lora_mode="auto", drag_budget=210, clock=lambda: now[0])
+    prog.update(("phase", "lora", "start"))
+    assert prog.line() == "LoRA: preparing (trains on the first edit of an image, then cached)"
+    now[0] = 4.0
+    prog.update(("phase_step", "lora", 2, 10))  # 2 s a step, 8 steps to go
+    assert prog.line() == "LoRA step 2/10, ETA 16 s"
+    assert '<progress max="1000" value="200">' in prog.html() and prog.html().count("<progress") == 6
+    prog.update(("phase", "lora", "end"))
+    prog.update(("phase", "inversion", "start"))
+    prog.update(("phase_step", "inversion", 5, 38))
+    assert prog.line().startswith("inversion step 5/38")
+    assert "LoRA: done in 4.0 s" in prog.html()  # the finished phase keeps its bar, full
+    prog.update(("phase", "drag", "start"))
+    prog.update(("step", 741, 12, 3))
+    assert prog.line().startswith("drag gradient step 12 of at most 210 (t=741, drag 4)")
+
+    cached = EditProgress(lora_mode="auto", clock=lambda: 0.0)
+    cached.update(("phase", "lora", "start"))
+    cached.update(("phase", "lora", "end"))  # no training step: the cache was used
+    assert "cached LoRA reused (no training)" in cached.describe("lora")
+
+
+def test_cancel_stops_lora_training_within_a_step_and_drops_the_adapter(img, _cache):
+    from gooddrag.app.ui.work import EditCancelled, run_edit
+    from gooddrag.core.editor import Editor
+    from gooddrag.core.inputs import prepare_input
+    from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
+
+    # its own model: an adapter, once added, leaves peft's wrappers in the UNet (other tests share theirs)
+    tiny_editor = Editor(TinyRandomBackbone.load(device="cpu"))
+
+    inp = prepare_input(img, [((8, 8), (30, 20))], width=32)
+    cfg = tiny_editor.config(overrides=[*FAST, "lora.steps=500", "lora.crop=16", "lora.batch_size=1"],
+                             lora="auto", width=32)
+    cancel = threading.Event()
+    lora_steps = []
+    for ev in run_edit(tiny_editor, inp, cfg, "", cancel, previews=False, poll_s=0.05):
+        if ev[0] == "phase_step" and ev[1] == "lora":
+            lora_steps.append(ev[2])
+            cancel.set()  # pressed during the first training step
+        if ev[0] == "error":
+            break
+    assert isinstance(ev[1], EditCancelled) and lora_steps == [1]
+    # the worker stops at its next step check: the device is free within a step, no adapter is left
+    from gooddrag.app.ui.work import device_queue
+
+    dq = device_queue(str(tiny_editor.backbone.device))
+    assert dq.lock.acquire(timeout=30)
+    dq.lock.release()
+    assert "gooddrag" not in (getattr(tiny_editor.backbone.unet, "peft_config", None) or {})
+    assert not list((_cache / "lora").glob("*/pytorch_lora_weights.safetensors"))  # nothing cached
+
+
+def test_a_run_while_another_holds_the_device_says_it_is_queued(tiny_editor, img):
+    from gooddrag.app.ui.work import EditProgress, device_queue, run_edit
+    from gooddrag.core.inputs import prepare_input
+
+    dq = device_queue(str(tiny_editor.backbone.device))
+    dq.lock.acquire()
+    dq.running, dq.progress = "preview from another tab", EditProgress(lora_mode="off")
+    try:
+        stream = run_edit(tiny_editor, prepare_input(img, [((8, 8), (30, 20))], width=32),
+                          tiny_editor.config(overrides=FAST, lora="off", width=32), "", threading.Event(), poll_s=0.05)
+        first = next(stream)
+        assert first == ("queued", "preview from another tab, now at starting")
+    finally:
+        dq.running, dq.progress = "", None
+        dq.lock.release()
+    assert list(stream)[-1][0] == "done"  # runs once the device is free

@@ -283,3 +283,27 @@ def test_gooddrag_on_a_cpu_with_a_full_size_model_says_what_it_costs_before_the_
     assert cli.main(["edit", str(img), "--points", "10,10:20,12", "--model", "tiny-random", "--width", "32",
                      "--preset", "instant", "--out", str(tmp_path / "instant")]) == 0
     assert "estimate on this CPU" not in capsys.readouterr().err  # instant is the fast answer already
+
+
+def test_the_bench_runs_the_instant_preset(tmp_path, capsys):
+    import csv
+    import json
+    import sys
+    from pathlib import Path
+
+    from gooddrag.app.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_datasets import write_drag100_sample
+
+    root = tmp_path / "d100"
+    write_drag100_sample(root, "cat_0", w=48, h=8, points=((8, 4), (16, 4)), seed=0)
+    out = tmp_path / "bench"
+    assert main(["bench", str(root), "--out", str(out), "--model", "tiny-random", "--device", "cpu",
+                 "--width", "64", "--preset", "instant"]) == 0, capsys.readouterr().err
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["stop_reason"] == "warped"
+    run = json.loads((out / "samples" / "cat_0" / "run.json").read_text())
+    assert run["config"]["schedule"] == "warp" and run["unet_passes"]["total"]["backward"] == 0
+    assert "(warp)" in (out / "report.md").read_text()

@@ -56,7 +56,7 @@ def bench(
     param: List[str] = O.PARAM,
     lora: str = O.LORA,
     seed: int = O.SEED,
-    width: int = O.WIDTH,
+    width: Optional[int] = O.WIDTH,
     prompts: bool = typer.Option(True, "--prompts/--no-prompts",
                                  help="Edit with each sample's prompt (DragBench) or with the empty prompt."),
     baseline: bool = typer.Option(False, "--baseline", help=BASELINE_HELP),
@@ -68,6 +68,10 @@ def bench(
     from gooddrag.app.bench.run import BenchOptions, run_bench
 
     O.silence_libraries(default_registry())
+    if width is None:  # the model's own, read from its files (nothing loads)
+        from gooddrag.core.backbone import model_width
+
+        width = model_width(default_registry(), load.model, load.backbone, load.model_config)
     opts = BenchOptions(dataset_dir=dataset_dir, out=out, dataset=dataset, limit=limit, shard=shard, metrics=metrics,
                         metric_params=tuple(metric_param), force=force, runner=runner,
                         runner_params=tuple(runner_param), load=load, preset=preset, schedule=schedule, loss=loss,

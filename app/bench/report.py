@@ -94,7 +94,7 @@ def write_report(out: Path, rows: list[dict], metrics: Sequence[Any], summary: d
                "(phases from run.json timings_s).", "", f"![time]({plots['time'].name})", ""]
     if "best_worst" in plots and keys:
         md += [f"## Best and worst edits by {keys[0][1]}", "",
-               "Each row: input with handles (red) and targets (blue) | result with the final handles (green).", "",
+               "Each row: input with handles (red) and targets (blue) | result with the final handles (yellow/black rings).", "",
                f"![best and worst]({plots['best_worst'].name})", ""]
     if summary["command"] == "bench":
         md += _placement_lines(rows, summary)

@@ -2,7 +2,7 @@
 
 Each frame shows what the image is becoming after a drag, not the noisy latent: the clean image the
 model predicts from the latent at that timestep (x0, decoded). The points are drawn on it: targets
-(blue), original handles (red), current handles (green ring), an arrow from each current handle to
+(blue), original handles (red), current handles (yellow/black marker), an arrow from each current handle to
 its target, and ``t=<timestep> drag <n>`` in the top-left corner. The first frame is the input, the
 last the finished result with the final handles.
 """

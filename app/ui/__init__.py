@@ -27,16 +27,17 @@ def require_gradio() -> Any:
     return gradio
 
 
-def build(settings: Any, registry: Any = None, pool: Any = None) -> Any:
+def build(settings: Any, registry: Any = None, pool: Any = None, host: str = "127.0.0.1") -> Any:
     """The page (not launched) for ``settings``; ``registry`` and ``pool`` default to the installed
-    plugins and a fresh editor pool."""
+    plugins and a fresh editor pool; ``host`` is where it will be served (the page warns when that
+    is not this machine only)."""
     require_gradio()
     from gooddrag.app.ui.page import build_page
     from gooddrag.app.ui.work import EditorPool
     from gooddrag.core.registry import default_registry
 
     registry = registry or default_registry()
-    return build_page(settings, registry, pool or EditorPool(registry))
+    return build_page(settings, registry, pool or EditorPool(registry), host=host)
 
 
 def launch(settings: Any, *, host: str = "127.0.0.1", port: int | None = 7860, registry: Any = None,
@@ -46,16 +47,17 @@ def launch(settings: Any, *, host: str = "127.0.0.1", port: int | None = 7860, r
     (upload size, same-origin writes, the files it serves; app/ui/security.py) are set here."""
     from starlette.middleware import Middleware
 
+    from gooddrag.app.ui.page import CSS
     from gooddrag.app.ui.security import MAX_UPLOAD_MB, ServerFiles, ServerGuard
 
     files = ServerFiles()  # before the page is built: its components keep their cache folder
     try:
-        page = build(settings, registry, pool)
+        page = build(settings, registry, pool, host=host)
         page.queue(default_concurrency_limit=1)
         mb = MAX_UPLOAD_MB if max_upload_mb is None else max_upload_mb
         page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
                     show_error=False, quiet=quiet, ssr_mode=False, mcp_server=False,
-                    footer_links=["gradio", "settings"], allowed_paths=[str(Path(settings.out).resolve())],
+                    footer_links=["gradio", "settings"], css=CSS, allowed_paths=[str(Path(settings.out).resolve())],
                     max_file_size=int(mb * 1024 * 1024),
                     app_kwargs={"middleware": [Middleware(ServerGuard, listen_host=host, served=[str(files.folder)])]})
     except BaseException:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from html import escape
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from gooddrag.core.config import EditConfig, LoadOptions
 from gooddrag.core.editor import Editor
 from gooddrag.core.errors import BadInputError, GoodDragError
-from gooddrag.core.hookspecs import hookimpl
+from gooddrag.core.hookspecs import PHASES, hookimpl
 from gooddrag.core.inputs import EditInput, Pair
 from gooddrag.core.inputs import open_image as core_open_image
 from gooddrag.core.registry import Registry
@@ -117,12 +118,12 @@ def draw_clicks(image: Image.Image, points: Sequence[Sequence[float]], mask: np.
 
 
 class EditCancelled(GoodDragError):
-    """The user pressed Cancel; the edit stops at the next phase or drag step."""
+    """The user pressed Cancel; the edit stops at its next step (of any phase)."""
 
 
 class LiveRun:
     """Event-hook plugin of one UI edit: reports phases and steps to the page's queue and stops the
-    edit when Cancel was pressed."""
+    edit when Cancel was pressed (checked after every step of every phase)."""
 
     def __init__(self, events: "queue.Queue[tuple]", cancel: threading.Event):
         self.events, self.cancel, self.steps = events, cancel, 0
@@ -137,10 +138,15 @@ class LiveRun:
         self.events.put(("phase", name, status))
 
     @hookimpl
+    def gooddrag_phase_step(self, name, step, total):
+        self._check()
+        self.events.put(("phase_step", name, step, total))
+
+    @hookimpl
     def gooddrag_drag_step(self, timestep, drag, step):
         self._check()
         self.steps += 1
-        self.events.put(("step", timestep, self.steps))
+        self.events.put(("step", timestep, self.steps, drag))
 
     @hookimpl
     def gooddrag_points_tracked(self, timestep, drag, points):
@@ -161,46 +167,197 @@ class LivePreview(LiveRun):
         self.events.put(("preview", timestep, drag, self.animation.add_frame(timestep, drag, x0, handles)))
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_LOCK = threading.Lock()
+PHASE_LABELS = {"lora": "LoRA", "inversion": "inversion", "reference": "reference", "drag": "drag",
+                "finish": "finish", "decode": "decode"}
 
 
-def device_lock(device: str) -> threading.Lock:
-    """One edit at a time per device, also across a cancelled edit that is still winding down."""
-    with _LOCKS_LOCK:
-        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+def max_gradient_steps(params: Any) -> int | None:
+    """The most gradient steps a schedule can take (AlDD: timesteps x drags x steps; single-step:
+    steps), or None when its parameters do not say."""
+    names = ("drag_timesteps", "drags_per_timestep", "steps_per_drag")
+    if all(hasattr(params, n) for n in names):
+        return int(np.prod([getattr(params, n) for n in names]))
+    steps = getattr(params, "steps", None)
+    return int(steps) if isinstance(steps, int) else None
+
+
+class EditProgress:
+    """What one edit has done so far, phase by phase, from the LiveRun events: drawn as one bar
+    per phase (with its steps and an ETA) and said as one line (the current state only)."""
+
+    def __init__(self, lora_mode: str = "auto", drag_budget: int | None = None, skip: Sequence[str] = (),
+                 inversion_note: str = "", clock: Any = time.monotonic):
+        self.clock, self.lora_mode, self.drag_budget = clock, lora_mode, drag_budget
+        self.inversion_note = inversion_note  # e.g. skipped: a generated image's latents are known
+        self.rows: dict[str, dict[str, Any]] = {p: {"state": "waiting", "step": 0, "total": None, "t0": None,
+                                                    "elapsed": None, "note": ""} for p in PHASES}
+        for p in skip:
+            self.rows[p]["state"] = "skipped"
+        self.current: str | None = None
+        self.drag_info = ""
+
+    def update(self, ev: tuple) -> None:
+        kind = ev[0]
+        now = self.clock()
+        if kind == "phase":
+            row = self.rows.get(ev[1])
+            if row is None:
+                return
+            if ev[2] == "start":
+                row.update(state="running", t0=now, step=0)
+                self.current = ev[1]
+            else:
+                row.update(state="done", elapsed=now - (now if row["t0"] is None else row["t0"]))
+                if ev[1] == "inversion" and self.inversion_note:
+                    row["note"] = self.inversion_note
+                if ev[1] == "lora" and row["step"] == 0:  # no training step: cached, given or off
+                    row["note"] = {"off": "off", "auto": "cached LoRA reused (no training)"}.get(
+                        self.lora_mode, "loaded from the given path")
+        elif kind == "phase_step":
+            row = self.rows.get(ev[1])
+            if row is not None:
+                row.update(step=ev[2], total=ev[3])
+        elif kind == "step":
+            row = self.rows["drag"]
+            row.update(step=ev[2], total=self.drag_budget)
+            self.drag_info = f"t={ev[1]}, drag {ev[3] + 1}" if len(ev) > 3 else f"t={ev[1]}"
+
+    def eta(self, row: dict[str, Any]) -> float | None:
+        if row["state"] != "running" or not row["step"] or not row["total"] or row["t0"] is None:
+            return None
+        per = (self.clock() - row["t0"]) / row["step"]
+        return per * (row["total"] - row["step"])
+
+    def describe(self, phase: str) -> str:
+        row, label = self.rows[phase], PHASE_LABELS[phase]
+        if row["state"] == "skipped":
+            return f"{label}: skipped"
+        if row["state"] == "waiting":
+            return f"{label}: waiting"
+        if row["state"] == "done":
+            note = f" ({row['note']})" if row["note"] else ""
+            return f"{label}: done in {row['elapsed']:.1f} s{note}"
+        text = f"{label}"
+        if phase == "drag" and row["step"]:
+            budget = f" of at most {row['total']}" if row["total"] else ""
+            text += f" gradient step {row['step']}{budget} ({self.drag_info})"
+        elif row["step"] and row["total"]:
+            text += f" step {row['step']}/{row['total']}"
+        elif phase == "lora" and self.lora_mode == "auto":
+            text += ": preparing (trains on the first edit of an image, then cached)"
+        else:
+            text += ": running"
+        eta = self.eta(row)
+        if eta is not None:
+            text += f", ETA {eta:.0f} s"
+        return text
+
+    def line(self) -> str:
+        """The current state in one line."""
+        return self.describe(self.current) if self.current else "starting"
+
+    def fraction(self, phase: str) -> float:
+        row = self.rows[phase]
+        if row["state"] in ("done", "skipped"):
+            return 1.0
+        if row["state"] == "running" and row["step"] and row["total"]:
+            return min(1.0, row["step"] / row["total"])
+        return 0.0
+
+    def html(self) -> str:
+        """One labelled bar per phase (rendered by the page as is)."""
+        rows = []
+        for p in PHASES:
+            state = self.rows[p]["state"]
+            frac = self.fraction(p)
+            rows.append(f'<div class="gd-phase gd-{state}" data-phase="{p}" data-state="{state}">'
+                        f'<span class="gd-phase-label">{escape(self.describe(p))}</span>'
+                        f'<progress max="1000" value="{round(frac * 1000)}"></progress></div>')
+        return '<div class="gd-progress">' + "".join(rows) + "</div>"
+
+
+class DeviceQueue:
+    """One edit at a time per device, with a word on what runs: a Run that has to wait says behind
+    what (another tab's edit, or a cancelled one still stopping at its next step)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: str = ""  # what holds the lock, in words
+        self.progress: EditProgress | None = None
+        self.waiting = 0
+
+    def behind(self) -> str:
+        what = self.running or "another edit"
+        if self.progress is not None:
+            what += f", now at {self.progress.line()}"
+        return what
+
+
+_QUEUES: dict[str, DeviceQueue] = {}
+_QUEUES_LOCK = threading.Lock()
+
+
+def device_queue(device: str) -> DeviceQueue:
+    with _QUEUES_LOCK:
+        return _QUEUES.setdefault(str(device), DeviceQueue())
 
 
 def run_edit(editor: Editor, inp: EditInput, cfg: EditConfig, prompt: str, cancel: threading.Event,
-             previews: bool = True) -> Iterator[tuple]:
-    """Run one edit in a worker thread; yield ``("phase", name, status)``, ``("step", t, n)``,
-    ``("preview", t, drag, image)`` events, then ``("done", result, animation)`` (a GifWriter, or None
-    without previews) or ``("error", exc)``.
-    Closing the iterator early (the page cancelled) cancels the edit."""
+             previews: bool = True, label: str = "an edit", progress: EditProgress | None = None,
+             poll_s: float = 0.5, start_latents: Any = None) -> Iterator[tuple]:
+    """Run one edit in a worker thread. While another edit holds the device, yield ``("queued",
+    behind)`` every ``poll_s``; then ``("phase", name, status)``, ``("phase_step", name, k, n)``,
+    ``("step", t, n, drag)``, ``("preview", t, drag, image)`` events, then ``("done", result,
+    animation)`` (a GifWriter, or None without previews) or ``("error", exc)``. Closing the iterator
+    early (the page cancelled) cancels the edit; a cancelled edit stops at its next step and frees
+    the device."""
     events: "queue.Queue[tuple]" = queue.Queue()
     plugin = LivePreview(events, cancel, editor.backbone, inp) if previews else LiveRun(events, cancel)
+    dq = device_queue(str(editor.backbone.device))
+    dq.waiting += 1
+    try:
+        while not dq.lock.acquire(timeout=poll_s):
+            if cancel.is_set():
+                yield ("error", EditCancelled("cancelled while queued; nothing was written"))
+                return
+            yield ("queued", dq.behind())
+    finally:
+        dq.waiting -= 1
+    dq.running, dq.progress = label, progress
 
     def work() -> None:
-        with device_lock(str(editor.backbone.device)):
-            try:
-                if cancel.is_set():
-                    raise EditCancelled("edit cancelled; nothing was written")
-                result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin])
-                events.put(("done", result, getattr(plugin, "animation", None)))
-            except BaseException as exc:  # handed to the page, which shows it as one line
-                events.put(("error", exc))
+        try:
+            if cancel.is_set():
+                raise EditCancelled("edit cancelled; nothing was written")
+            result = editor.run(inp, cfg, prompt=prompt, plugins=[plugin], start_latents=start_latents)
+            events.put(("done", result, getattr(plugin, "animation", None)))
+        except BaseException as exc:  # handed to the page, which shows it as one line
+            events.put(("error", exc))
+        finally:
+            dq.running = "a cancelled edit stopping at its next step" if cancel.is_set() else ""
+            dq.progress = None
+            dq.lock.release()
 
     thread = threading.Thread(target=work, name="gooddrag-ui-edit", daemon=True)
     thread.start()
     try:
         while True:
-            ev = events.get()
+            try:
+                ev = events.get(timeout=poll_s)
+            except queue.Empty:
+                if cancel.is_set():  # the page is free at once; the worker stops at its next step
+                    yield ("error", EditCancelled("edit cancelled; nothing was written"))
+                    return
+                continue
+            if progress is not None:
+                progress.update(ev)
             yield ev
             if ev[0] in ("done", "error"):
                 return
     finally:
         if thread.is_alive():
             cancel.set()
+            dq.running = "a cancelled edit stopping at its next step"
 
 
 def one_line(exc: BaseException) -> str:
@@ -217,12 +374,15 @@ def new_run_dir(root: Path) -> Path:
 
 
 def write_outputs(run_dir: Path, inp: EditInput, result: Any, animation: GifWriter | None = None) -> list[Path]:
-    """result.png, points.png, run.json and (with previews) drag.gif, written atomically."""
+    """result.png, points.png, run.json, mask.png (the brushed region, 255 = editable; only when one
+    was brushed) and (with previews) drag.gif, written atomically."""
     with staging(run_dir) as tmp:
         write_result_files(tmp, inp.image, result)
+        if inp.mask is not None:
+            Image.fromarray(np.asarray(inp.mask, bool).astype(np.uint8) * 255, "L").save(tmp / "mask.png")
         if animation is not None:
             animation.save_gif(tmp / "drag.gif", result.image, result.points)
-    names = ("result.png", "points.png", "run.json", "drag.gif")
+    names = ("result.png", "points.png", "mask.png", "run.json", "drag.gif")
     return [run_dir / n for n in names if (run_dir / n).exists()]
 
 

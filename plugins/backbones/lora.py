@@ -96,9 +96,11 @@ class PerImageLora:
     def pipe(self) -> Any:
         return self.backbone.pipe
 
-    def apply(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
+    def apply(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None, on_step: Any = None) -> str:
         """Apply the per-image LoRA: ``off``, ``auto`` (train or load from the disk cache) or a path.
-        ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done."""
+        ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done. ``on_step(k,
+        total)`` is called after each training step; what it raises (a cancel) stops the training and
+        leaves the UNet without the half-trained adapter, and nothing is cached."""
         self.drop()
         if mode == "off":
             return "off"
@@ -136,7 +138,11 @@ class PerImageLora:
                                   "cached; set GOODDRAG_CACHE to a writable folder", GoodDragWarning, stacklevel=2)
                 if on_train:
                     on_train()
-                self.train(image, params)
+                try:
+                    self.train(image, params, on_step)
+                except BaseException:
+                    self.drop()
+                    raise
                 status = "trained (not cached)"
                 if not unwritable:
                     try:
@@ -224,7 +230,7 @@ class PerImageLora:
         except OSError:  # another process cached it first
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def train(self, image: torch.Tensor, params: Any) -> None:
+    def train(self, image: torch.Tensor, params: Any, on_step: Any = None) -> None:
         """Rank-r LoRA on to_q/k/v/out of every attention; crops encoded once, posterior re-sampled.
         Every random number is drawn up front, in the order the steps use them, and moved to the
         device once: the loop itself never waits for the host (see :class:`LoraTrainer`)."""
@@ -239,17 +245,19 @@ class PerImageLora:
             for k in range(params.steps):
                 if step is trainer.step:
                     trainer.step(*trainer.inputs(k))
-                    continue
-                try:
-                    with torch._dynamo.config.patch(trace_autograd_ops=True):
-                        step(*trainer.inputs(k))
-                except Exception as exc:  # a compile error: the same step, eagerly, from this one on
-                    if not b.is_compile_error(exc):
-                        raise
-                    warnings.warn(f"torch.compile of the LoRA step failed ({type(exc).__name__}); training "
-                                  "eagerly", GoodDragWarning, stacklevel=2)
-                    step = trainer.step
-                    trainer.step(*trainer.inputs(k))
+                else:
+                    try:
+                        with torch._dynamo.config.patch(trace_autograd_ops=True):
+                            step(*trainer.inputs(k))
+                    except Exception as exc:  # a compile error: the same step, eagerly, from this one on
+                        if not b.is_compile_error(exc):
+                            raise
+                        warnings.warn(f"torch.compile of the LoRA step failed ({type(exc).__name__}); training "
+                                      "eagerly", GoodDragWarning, stacklevel=2)
+                        step = trainer.step
+                        trainer.step(*trainer.inputs(k))
+                if on_step is not None:  # progress, and a cancel within one step (it may raise)
+                    on_step(k + 1, params.steps)
         finally:
             trainer.close()
 

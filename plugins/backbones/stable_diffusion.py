@@ -287,13 +287,17 @@ class StableDiffusionBackbone:
     def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         return (self._ddim or self.sampler(DEFAULT_NUM_STEPS)).step(z, eps, t)
 
-    def invert(self, z0: torch.Tensor, start: int) -> torch.Tensor:
-        """DDIM-invert the clean latent up to timesteps[start] (38 steps to t=741 by default)."""
+    def invert(self, z0: torch.Tensor, start: int, on_step: Any = None) -> torch.Tensor:
+        """DDIM-invert the clean latent up to timesteps[start] (38 steps to t=741 by default);
+        ``on_step(step, total)`` after each step (progress, cancellation)."""
         ddim = self._ddim or self.sampler(DEFAULT_NUM_STEPS)
         z = z0
+        ts = list(reversed(ddim.timesteps[start:]))
         with torch.no_grad():
-            for t in reversed(ddim.timesteps[start:]):
+            for k, t in enumerate(ts):
                 z = ddim.invert_step(z, self.eps(z, t), t)
+                if on_step is not None:
+                    on_step(k + 1, len(ts))
         return z
 
     # --- model calls --------------------------------------------------------------------------
@@ -410,9 +414,10 @@ class StableDiffusionBackbone:
 
     # --- per-image LoRA (docs/method.md, section 1) -------------------------------------------------
 
-    def use_lora(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None) -> str:
-        """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`."""
-        return self.lora.apply(mode, image, params, on_train)
+    def use_lora(self, mode: str, image: torch.Tensor, params: Any, on_train: Any = None, on_step: Any = None) -> str:
+        """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`.
+        ``on_step(step, total)`` after each training step."""
+        return self.lora.apply(mode, image, params, on_train, on_step)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
