@@ -44,12 +44,15 @@ class PhaseLog:
 
 
 def sample_passes(passes, path: Path, t0: float, every_s: float = 60.0) -> None:
-    """Every minute, the UNet passes done so far (the backbone's counter; Python ints, no sync)."""
+    """Every minute, the UNet passes done so far (the backbone's counter; Python ints, no sync) and the
+    machine's 1-minute load average (other work on the cores slows this edit: the ratio is only as
+    clean as the load shows)."""
     while True:
         time.sleep(every_s)
         with path.open("a") as f:
             f.write(json.dumps({"since_edit_start_s": round(time.perf_counter() - t0, 1),
-                                "unet_forward": passes.forward, "unet_backward": passes.backward}) + "\n")
+                                "unet_forward": passes.forward, "unet_backward": passes.backward,
+                                "load1": round(os.getloadavg()[0], 2)}) + "\n")
 
 
 def child(args: argparse.Namespace) -> None:
