@@ -20,6 +20,7 @@ the machine's speed. For each of ``faithful`` and ``default``:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -48,7 +49,8 @@ class PhaseCounts:
         self.phases: dict[str, dict] = {}
         self.drags = 0
         self._start: dict[str, tuple[int, int, int]] = {}
-        self.steps: list[tuple[str, tuple[int, int, int]]] = []  # (optimizer class, snapshot after its step)
+        # (optimizer class, snapshot after its step, dispatches by op name so far)
+        self.steps: list[tuple[str, tuple[int, int, int], collections.Counter]] = []
         self.phase = ""
         outer = self
 
@@ -74,7 +76,7 @@ class PhaseCounts:
 
         def after_step(opt: Any, args: Any, kwargs: Any) -> None:
             paused, self.counter.paused = self.counter.paused, True
-            self.steps.append((type(opt).__name__, self.counter.snapshot()))
+            self.steps.append((type(opt).__name__, self.counter.snapshot(), collections.Counter(self.counter.ops)))
             self.counter.paused = paused
 
         self._handle = register_optimizer_step_post_hook(after_step)
@@ -89,7 +91,7 @@ class PhaseCounts:
             def marked(*a, _orig=orig, _label=label, **k):
                 out = _orig(*a, **k)
                 paused, self.counter.paused = self.counter.paused, True
-                self.steps.append((_label, self.counter.snapshot()))
+                self.steps.append((_label, self.counter.snapshot(), collections.Counter(outer.counter.ops)))
                 self.counter.paused = paused
                 return out
 
@@ -102,12 +104,16 @@ class PhaseCounts:
             setattr(cls, name, orig)
 
     def per_step(self, optimizer: str) -> dict | None:
-        """Dispatches between the first and second steps of ``optimizer`` (one steady-state step)."""
-        snaps = [s for name, s in self.steps if name == optimizer]
+        """Dispatches between the first and second steps of ``optimizer`` (one steady-state step), with
+        the launching ones by op name (where two paths differ, this says in which ops)."""
+        from gooddrag.testing.counting import VIEW_OPS
+
+        snaps = [(s, ops) for name, s, ops in self.steps if name == optimizer]
         if len(snaps) < 2:
             return None
-        a, b = snaps[0], snaps[1]
-        return {"ops": b[0] - a[0], "launching_ops": b[1] - a[1], "host_syncs": b[2] - a[2]}
+        (a, ops_a), (b, ops_b) = snaps[0], snaps[1]
+        by_op = {k: n for k, n in sorted((ops_b - ops_a).items(), key=lambda kv: -kv[1]) if k not in VIEW_OPS}
+        return {"ops": b[0] - a[0], "launching_ops": b[1] - a[1], "host_syncs": b[2] - a[2], "launching_by_op": by_op}
 
 
 def count_edit(editor: Any, image: Any, pairs: Any, mask: Any, overrides: list[str], lora: str) -> dict:
@@ -170,6 +176,18 @@ def tiny(args: argparse.Namespace) -> dict:
     return out
 
 
+def step_difference(rows: dict) -> dict:
+    """Launching ops of one gradient step and one LoRA step, default minus faithful, by op name."""
+    out = {}
+    for step in ("gradient_step", "lora_step"):
+        d, f = (rows.get(v, {}).get(step) for v in ("default", "faithful"))
+        if d and f:
+            diff = collections.Counter(d["launching_by_op"])
+            diff.subtract(f["launching_by_op"])
+            out[step] = {k: n for k, n in sorted(diff.items(), key=lambda kv: -abs(kv[1])) if n}
+    return out
+
+
 def graph_breaks() -> dict:
     """torch._dynamo.explain of the captured drag step and LoRA step on the tiny model."""
     from gooddrag.testing.capture import explain_steps
@@ -195,6 +213,7 @@ def main() -> None:
     result: dict[str, Any] = {"torch": torch.__version__}
     if not args.skip_sd15:
         result["sd15"] = sd15(args)
+        result["sd15_step_difference"] = step_difference(result["sd15"])
     if not args.skip_tiny:
         result["tiny"] = tiny(args)
     if not args.skip_explain:

@@ -49,6 +49,7 @@ class Backbone(Protocol):
     supports_compile: bool = False  # compile(), is_compile_error(exc), fall_back_to_eager(exc)
     supports_mixed: bool = False  # mixed() context, compute_dtype attribute, unet_parameters()
     configurable: bool = False  # configure(params) after loading
+    defers_writes: bool = False  # write_deferred(): disk writes left until the result is out (optional flag)
     compiled: bool = False  # compile() ran and has not fallen back
     passes: Any = None  # a core.engine.UNetPasses counting its UNet passes (the report's unet_passes), or None
 
@@ -122,6 +123,7 @@ CAPABILITIES = {
     "supports_compile": ("compile", "is_compile_error", "fall_back_to_eager"),
     "supports_mixed": ("mixed", "unet_parameters"),
     "configurable": ("configure",),
+    "defers_writes": ("write_deferred",),
 }
 
 

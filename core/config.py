@@ -276,10 +276,19 @@ def _check_edit(lora: str, seed: Any, width: Any) -> None:
     """The per-edit settings that are not a component's parameters."""
     if not isinstance(width, int) or isinstance(width, bool) or width < 16 or width % 8:
         raise ConfigError(f"width {width!r}: the working width must be a multiple of 8, at least 16")
-    if lora not in ("auto", "off") and not Path(lora).exists():
+    if lora not in ("auto", "off") and not Path(lora).exists() and not _written(Path(lora)):
         raise ConfigError(f"lora {lora!r}: no such file or folder; use auto, off or a LoRA path")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed {seed!r} must be an integer from 0 to 2**63-1")
+
+
+def _written(path: Path) -> bool:
+    """Whether ``path`` exists once the writes still running are done (an earlier edit's LoRA cache
+    entry, reported by its path before it is on disk: core/deferred.py)."""
+    from gooddrag.core import deferred
+
+    deferred.wait()
+    return path.exists()
 
 
 def check_precision(precision: str, dtype: str, faithful: bool) -> None:

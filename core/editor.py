@@ -164,6 +164,9 @@ class Editor:
                         raise
                     b.fall_back_to_eager(exc)
                     return run_edit(self.backbone, self.registry, cfg, inp, prompt, notes, start_latents)
+                finally:  # the result is out (or the edit failed after training its LoRA, still worth caching)
+                    if capability(self.backbone, "defers_writes"):
+                        self.backbone.write_deferred()
 
 
     def generate(self, prompt: str, *, seed: int = 0, steps: int = 50, guidance: float = 7.5,

@@ -13,6 +13,7 @@ from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
 from gooddrag.core.editor import Editor, select_backbone
 from gooddrag.core.errors import ModelNotFoundError, RequirementError
 from gooddrag.core.registry import default_registry
+from gooddrag.plugins.backbones.lora import wait_for_cache_writes
 from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 
@@ -96,6 +97,7 @@ def test_damaged_lora_cache_entry_is_retrained_and_replaced(tiny_editor, tmp_pat
     image = random_image(32, 32, seed=11)
     first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     folder = Path(first.report["lora"].split(" ", 1)[1])
+    wait_for_cache_writes()  # the cache entry is written after the result is out
     weights = folder / "pytorch_lora_weights.safetensors"
     good = weights.read_bytes()
     if damage == "truncate":
@@ -112,6 +114,7 @@ def test_damaged_lora_cache_entry_is_retrained_and_replaced(tiny_editor, tmp_pat
     assert again.report["lora"] == f"trained {folder}"
     assert any(w.startswith(f"cached LoRA {folder} is damaged") and "retraining and replacing it" in w
                for w in again.report["warnings"])
+    wait_for_cache_writes()
     assert weights.read_bytes() == good  # replaced by the same (deterministic) training
     third = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     assert third.report["lora"] == f"cached {folder}" and third.image.tobytes() == first.image.tobytes()

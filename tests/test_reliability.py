@@ -19,6 +19,7 @@ from PIL import Image
 from gooddrag.app import cli
 from gooddrag.core.editor import Editor
 from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning
+from gooddrag.plugins.backbones.lora import wait_for_cache_writes
 from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 
@@ -129,6 +130,7 @@ def test_lora_that_changes_nothing_is_refused(tiny_editor, tmp_path, kind):
         first = tiny_editor.edit(random_image(32, 32, seed=5), [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
         from safetensors.torch import load_file
 
+        wait_for_cache_writes()  # the cache entry is written after the result is out
         src = Path(first.report["lora"].split(" ", 1)[1]) / "pytorch_lora_weights.safetensors"
         sd = {k: (torch.zeros_like(v) if "lora_B" in k or "lora.up" in k else v) for k, v in load_file(src).items()}
         path = tmp_path / "zeros.safetensors"
@@ -150,6 +152,7 @@ def test_empty_lora_cache_entry_with_a_matching_checksum_is_retrained(tiny_edito
     image = random_image(32, 32, seed=21)
     first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     folder = Path(first.report["lora"].split(" ", 1)[1])
+    wait_for_cache_writes()
     save_file({}, str(folder / WEIGHTS_NAME))
     (folder / CHECKSUM_NAME).write_text(f"{_sha256(folder / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n")
     again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
@@ -163,13 +166,60 @@ def test_lora_cache_entry_that_is_a_file_is_named_and_healed(tiny_editor, tmp_pa
     image = random_image(32, 32, seed=22)
     first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     folder = Path(first.report["lora"].split(" ", 1)[1])
+    wait_for_cache_writes()
     shutil.rmtree(folder)
     folder.write_text("not a LoRA")
     again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     assert any(w.startswith(f"cached LoRA {folder} is damaged: it is a file") for w in again.report["warnings"])
+    wait_for_cache_writes()
     assert folder.is_dir()  # healed: the entry is a cache folder again
     third = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
     assert third.report["lora"] == f"cached {folder}"
+
+
+def test_trained_lora_is_cached_after_the_result_is_out(tiny_editor, tmp_path, monkeypatch):
+    """Reading the LoRA back from a GPU would stop the host once per tensor in the middle of the
+    edit: the cache entry is written once the result is out, and the next lookup waits for it."""
+    from gooddrag.core.hookspecs import hookimpl
+    from gooddrag.plugins.backbones.lora import WEIGHTS_NAME, cache_problem
+
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+    written_during_edit = []
+
+    class Probe:
+        @hookimpl
+        def gooddrag_edit_finished(self, result):
+            written_during_edit.extend((tmp_path / "cache" / "lora").glob(f"*/{WEIGHTS_NAME}"))
+
+    image = random_image(32, 32, seed=31)
+    first = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", plugins=[Probe()], **_LORA_KW)
+    folder = Path(first.report["lora"].split(" ", 1)[1])
+    assert written_during_edit == []  # the report and the result came first
+    again = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)  # waits for the write
+    assert again.report["lora"] == f"cached {folder}" and cache_problem(folder) is None
+    assert again.image.tobytes() == first.image.tobytes()
+
+
+def test_lora_of_an_edit_that_fails_after_training_is_cached(tiny_editor, tmp_path, monkeypatch):
+    """The LoRA is as good as trained when a later phase fails (or is cancelled): the retry reuses it."""
+    from gooddrag.core.hookspecs import hookimpl
+    from gooddrag.plugins.backbones.lora import WEIGHTS_NAME
+
+    monkeypatch.setenv("GOODDRAG_CACHE", str(tmp_path / "cache"))
+
+    class FailAtDrag:
+        @hookimpl
+        def gooddrag_phase(self, name, status):
+            if name == "drag" and status == "start":
+                raise RuntimeError("stopped at the drag")
+
+    image = random_image(32, 32, seed=32)
+    with pytest.raises(RuntimeError, match="stopped at the drag"):
+        tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", plugins=[FailAtDrag()], **_LORA_KW)
+    wait_for_cache_writes()
+    assert len(list((tmp_path / "cache" / "lora").glob(f"*/{WEIGHTS_NAME}"))) == 1
+    retry = tiny_editor.edit(image, [((8, 8), (20, 20))], lora="auto", **_LORA_KW)
+    assert retry.report["lora"].startswith("cached ")
 
 
 def test_gooddrag_cache_that_is_a_file_is_named_with_the_variable(tiny_editor, tmp_path, monkeypatch):

@@ -9,7 +9,12 @@ the digest of the model's weights (UNet, VAE, text encoder, noise schedule; see 
 the prompt, the LoRA parameters and the dtypes; never the ``--model`` string.
 
 A LoRA that changes nothing (no UNet LoRA weights, or only zeros) is refused when given as a path
-and retrained when it is a cache entry: it is never reported as loaded or cached."""
+and retrained when it is a cache entry: it is never reported as loaded or cached.
+
+A freshly trained LoRA is written to the cache after the edit's result is out, on a background
+thread (:meth:`PerImageLora.write_pending`): reading 256 small tensors back from a GPU would stop
+the host 256 times in the middle of the edit. The next LoRA lookup waits for the write
+(``core/deferred.py``), and a write that fails warns then."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gooddrag.core import deferred
 from gooddrag.core.ddim import DDIM
 from gooddrag.core.errors import BadInputError, GoodDragWarning
 from gooddrag.plugins.backbones.fingerprint import pipeline_digest, sha256_file
@@ -36,6 +42,8 @@ CHECKSUM_NAME = "weights.sha256"
 
 
 _sha256 = sha256_file
+#: return once every LoRA cache write started so far is on disk (or has failed and warned)
+wait_for_cache_writes = deferred.wait
 
 
 def cache_problem(folder: Path) -> str | None:
@@ -87,6 +95,7 @@ class PerImageLora:
     def __init__(self, backbone: Any):
         self.backbone = backbone
         self._unfused: dict[str, torch.Tensor] | None = None  # base weights while a LoRA is fused in
+        self._pending: tuple[Path, dict[str, torch.Tensor]] | None = None  # a trained LoRA not yet cached
 
     @property
     def unet(self) -> Any:
@@ -101,6 +110,8 @@ class PerImageLora:
         ``image`` is the working image (1, 3, H, W) in [-1, 1]. Returns what was done. ``on_step(k,
         total)`` is called after each training step; what it raises (a cancel) stops the training and
         leaves the UNet without the half-trained adapter, and nothing is cached."""
+        self.write_pending()  # an earlier edit's LoRA (that edit may have failed after training it)
+        wait_for_cache_writes()  # the cache is looked up below
         self.drop()
         if mode == "off":
             return "off"
@@ -144,14 +155,11 @@ class PerImageLora:
                     self.drop()
                     raise
                 status = "trained (not cached)"
-                if not unwritable:
-                    try:
-                        self.save(folder)
-                        status = f"trained {folder}"
-                    except OSError as exc:
-                        warnings.warn(f"the trained LoRA could not be cached in {folder} "
-                                      f"({exc.strerror or type(exc).__name__}); it is used for this edit only",
-                                      GoodDragWarning, stacklevel=2)
+                if not unwritable:  # written once the result is out (write_pending)
+                    from peft.utils import get_peft_model_state_dict
+
+                    self._pending = (folder, get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER))
+                    status = f"trained {folder}"
         if params.fuse:
             # unfusing subtracts the update again, which is not exact in floating point: keep the
             # original weights (on the host, once per edit) so dropping the LoRA restores them bit for bit
@@ -210,13 +218,39 @@ class PerImageLora:
                                 "pass a LoRA saved by gooddrag/diffusers, auto or off") from None
         self.unet.requires_grad_(False)
 
-    def save(self, folder: Path) -> None:
+    def write_pending(self, background: bool = True) -> None:
+        """Cache the LoRA trained by the last edit, if any, on a thread (``background``) or now. The
+        weights were taken by reference when training ended: nothing writes to them afterwards, and
+        a fused or dropped adapter leaves them as trained."""
+        if self._pending is None:
+            return
+        folder, weights = self._pending
+        self._pending = None
+
+        def write() -> None:
+            try:
+                self.save(folder, weights)
+            except OSError as exc:
+                warnings.warn(f"the trained LoRA could not be cached in {folder} "
+                              f"({exc.strerror or type(exc).__name__}); it was used for that edit only",
+                              GoodDragWarning, stacklevel=2)
+
+        if not background:
+            write()
+            return
+        deferred.start(write, "gooddrag-lora-cache")
+
+    def save(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter (or ``weights``, its peft state dict) as a cache entry: weights and their
+        checksum in a temporary folder, then renamed into place (a reader sees all or nothing)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        if weights is None:
+            weights = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER)
+        layers = convert_state_dict_to_diffusers(_to_host(weights))
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER))
         try:
             type(self.pipe).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
             (tmp / CHECKSUM_NAME).write_text(f"{_sha256(tmp / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n")
@@ -350,6 +384,15 @@ class LoraTrainer:
         for q in self.weights:
             q.requires_grad_(False)
             q.data = q.data.to(b.dtype)
+
+
+def _to_host(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of ``weights``: from a GPU, one gather and one read (not one read per tensor)."""
+    values = list(weights.values())
+    if not values or values[0].device.type == "cpu" or any(v.dtype != values[0].dtype for v in values):
+        return {n: v.detach().to("cpu", copy=True).contiguous() for n, v in weights.items()}
+    flat = torch.cat([v.detach().reshape(-1) for v in values]).cpu()  # one device-to-host copy
+    return {n: part.view(v.shape).clone() for (n, v), part in zip(weights.items(), flat.split([v.numel() for v in values]))}
 
 
 def _host_backup(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

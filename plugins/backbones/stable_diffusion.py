@@ -59,6 +59,7 @@ class StableDiffusionBackbone:
     supports_compile = True
     supports_mixed = True
     configurable = True
+    defers_writes = True  # the trained LoRA is cached after the result is out
     #: features are the feature block's output bilinearly upsampled (align_corners=False) by this
     feature_scale = 4
     #: exact fast paths the engine may use (see DragContext): FeatureMaps, and stopping after the
@@ -418,6 +419,10 @@ class StableDiffusionBackbone:
         """``off``, ``auto`` (train once per image, cached) or a path; see :class:`PerImageLora`.
         ``on_step(step, total)`` after each training step."""
         return self.lora.apply(mode, image, params, on_train, on_step)
+
+    def write_deferred(self) -> None:
+        """Cache the LoRA this edit trained, on a background thread, now that the result is out."""
+        self.lora.write_pending()
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
