@@ -13,6 +13,7 @@ CUDA); elsewhere it runs eagerly, the same code.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -28,22 +29,47 @@ BACKEND = "inductor"
 
 class LatentAdam:
     """Adam (Kingma & Ba) on one tensor, its state in device buffers: the moments and the step count
-    (a device scalar, as torch's ``capturable`` Adam keeps it), so an update never reads anything
-    back to the host. Same update as ``torch.optim.Adam`` (up to float rounding of the bias
-    corrections, which are computed on the device in fp64 scalars)."""
+    (a device integer), so an update never reads anything back to the host. Same update as
+    ``torch.optim.Adam`` up to float rounding.
 
-    def __init__(self, z: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    Adam's bias corrections depend only on the step number, so they are worked out on the host
+    once, in fp64, as a table of the two factors of the update
+    ``z += m / (sqrt(v) * c1 + c2)``, with ``c1 = -1 / (sqrt(1 - b2^s) * a_s)``, ``c2 = -eps / a_s``
+    and ``a_s = lr / (1 - b1^s)``; a step reads its row by the device step count. An update is 8
+    kernels (computing the corrections on the device took 19). The table holds ``capacity`` steps
+    and grows (on the host, between steps) when :meth:`advance` is about to pass it.
+    """
+
+    def __init__(self, z: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 capacity: int = 1024):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.exp_avg = torch.zeros_like(z)  # (1, 4, h, w)
         self.exp_avg_sq = torch.zeros_like(z)
-        # fp64: 1 - 0.999**step in fp32 loses 4 digits to cancellation at the first steps
-        self.step = torch.zeros((), dtype=torch.float64, device=z.device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=z.device)  # (1,) steps since reset, on the device
+        self.taken = 0  # the same count on the host (advance), which never reads the device's
+        self.factors = self._factors(capacity, z.device)  # (capacity + 1, 2) fp64: row s = (c1, c2) of step s
+
+    def _factors(self, capacity: int, device: torch.device) -> torch.Tensor:
+        b1, b2 = self.betas
+        rows = [(0.0, 0.0)]  # no step 0
+        for s in range(1, capacity + 1):
+            a = self.lr / (1 - b1 ** s)
+            rows.append((-1 / (math.sqrt(1 - b2 ** s) * a), -self.eps / a))
+        return torch.tensor(rows, dtype=torch.float64, device=device)
 
     def reset(self) -> None:
         """A fresh Adam (the method re-creates it at every drag timestep), in place."""
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
         self.step.zero_()
+        self.taken = 0
+
+    def advance(self) -> None:
+        """Count the coming step on the host, and grow the table before it would run out (never
+        inside a captured step: the table is a buffer the step reads)."""
+        self.taken += 1
+        if self.taken >= self.factors.shape[0]:
+            self.factors = self._factors(2 * self.factors.shape[0], self.factors.device)
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, grad: torch.Tensor) -> None:
@@ -51,10 +77,8 @@ class LatentAdam:
         self.step += 1
         self.exp_avg.lerp_(grad, 1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        step_size_neg = -self.lr / (1 - torch.pow(b1, self.step))  # 0-d, on the device
-        bc2_sqrt = (1 - torch.pow(b2, self.step)).sqrt()
-        denom = (self.exp_avg_sq.sqrt() / (bc2_sqrt * step_size_neg)).add_(self.eps / step_size_neg)
-        z.addcdiv_(self.exp_avg, denom)
+        c = self.factors.index_select(0, self.step)[0]  # (2,): this step's (c1, c2)
+        z.addcdiv_(self.exp_avg, torch.addcmul(c[1], self.exp_avg_sq.sqrt(), c[0]))
 
 
 class GradientStep:
@@ -100,6 +124,8 @@ class GradientStep:
     def __call__(self, t: int, ahead: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
         """One step at timestep t -> (LossParts detached, features detached). ``ahead``: a forward pass
         already made at this z and t (eager only), used instead of a new one."""
+        if not self.reference:
+            self.adam.advance()
         if ahead is None and self._compiled is not None:
             self.prepare(t)
             try:

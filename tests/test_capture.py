@@ -18,12 +18,14 @@ def test_latent_adam_updates_as_torch_adam():
     z = z_ref.clone()
     z_ref.requires_grad_(True)
     opt = torch.optim.Adam([z_ref], lr=0.02)
-    adam = LatentAdam(z, 0.02)
+    adam = LatentAdam(z, 0.02, capacity=4)  # the table of bias corrections grows past its first 4 steps
     for _ in range(30):
         grad = torch.randn(z.shape, generator=g)
         z_ref.grad = grad.clone()
         opt.step()
+        adam.advance()
         adam.update(z, grad)
+    assert adam.factors.shape[0] > 30
     assert torch.allclose(z, z_ref.detach(), rtol=0, atol=1e-6)
 
 

@@ -52,7 +52,8 @@ def test_split_weights_hold_bf16_and_restore_every_bit():
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(5, 4))
     before = {n: q.detach().clone() for n, q in m.named_parameters()}
     held = SplitWeights(m)
-    assert {q.dtype for q in m.parameters()} == {torch.bfloat16}
+    assert {q.dtype for layer in (m[0], m[2]) for q in layer.parameters()} == {torch.bfloat16}
+    assert {q.dtype for q in m[1].parameters()} == {torch.float32}  # normalisation runs in fp32 under autocast
     held.join()
     for n, q in m.named_parameters():
         assert q.dtype == torch.float32 and torch.equal(_bits(q.detach()), _bits(before[n])), n
@@ -217,3 +218,44 @@ def test_a_backward_compile_failure_redoes_the_edit_eagerly(fresh_backbone, img)
         res = Editor(b).edit(img, PAIRS, **KW)
     assert b.compiled is False and res.points == eager.points
     assert res.report["gradient_steps"] == eager.report["gradient_steps"]
+
+
+def test_bf16_lora_training_reads_split_weights_with_the_same_result(fresh_backbone, monkeypatch):
+    """Under bf16 autocast, LoRA training reads the frozen base weights as split bf16 halves (no cast
+    per weight per pass) and the prompt embedding cast once: the bf16 values autocast would make
+    (but for exact ties, which the split rounds toward zero), so a training step's loss is the same
+    up to float rounding; the LoRA weights train in fp32 and the base comes back bit for bit."""
+    from gooddrag.core.lora import LoraParams
+    from gooddrag.plugins.backbones import lora as lora_mod
+    from gooddrag.testing import random_image
+
+    b = fresh_backbone
+    b.compute_dtype = torch.bfloat16
+    image = torch.from_numpy(np.asarray(random_image(32, 32, seed=3), dtype=np.float32) / 127.5 - 1)
+    image = image.permute(2, 0, 1)[None]  # (1, 3, 32, 32) in [-1, 1]
+    params = LoraParams(steps=1, crop=32, batch_size=1, rank=2)  # one step: later ones add Adam's sign flips
+    base = {n: q.detach().clone() for n, q in b.unet.named_parameters()}
+
+    def first_losses(split: bool) -> list[float]:
+        if not split:  # the reference: plain autocast, every weight and the embedding cast at each use
+            monkeypatch.setattr(lora_mod, "SplitWeights", lambda *a, **k: None)
+            monkeypatch.setattr(lora_mod.LoraTrainer, "_cast_prompt", False)
+        torch.manual_seed(0)  # the adapter's initial weights
+        trainer = b.lora.trainer(image, params)
+        try:
+            dtypes = {n.rsplit(".", 2)[-2] if "lora_" in n else "base": q.dtype
+                      for n, q in b.unet.named_parameters() if n.endswith("to_q.base_layer.weight") or "lora_" in n}
+            assert dtypes["base"] == (torch.bfloat16 if split else torch.float32)
+            assert {d for k, d in dtypes.items() if k != "base"} == {torch.float32}  # the LoRA trains in fp32
+            losses = [float(trainer.step(*trainer.inputs(k))) for k in range(params.steps)]
+        finally:
+            trainer.close()
+            b.lora.drop()
+        for n, q in b.unet.named_parameters():  # the split base weights came back bit for bit
+            n = n.replace(".base_layer", "")  # peft's wrappers stay after the adapter is dropped
+            assert q.dtype == torch.float32 and torch.equal(_bits(q.detach()), _bits(base[n])), n
+        return losses
+
+    with_split = first_losses(split=True)
+    plain = first_losses(split=False)
+    assert with_split == pytest.approx(plain, rel=1e-4)  # bf16 itself rounds at 4e-3

@@ -34,6 +34,7 @@ from gooddrag.core import deferred
 from gooddrag.core.ddim import DDIM
 from gooddrag.core.errors import BadInputError, GoodDragWarning
 from gooddrag.plugins.backbones.fingerprint import pipeline_digest, sha256_file
+from gooddrag.plugins.backbones.split_weights import SplitWeights
 
 LORA_ADAPTER = "gooddrag"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -308,6 +309,8 @@ class LoraTrainer:
     count) are buffers updated in place. Nothing in a step reads a value back to the host, so a
     step can be captured whole (``torch.compile``; no graph break, ``benchmarks/counts.py``)."""
 
+    _cast_prompt = True  # the prompt embedding enters in the compute dtype (a test turns it off to compare)
+
     def __init__(self, lora: PerImageLora, image: torch.Tensor, params: Any):
         from peft import LoraConfig
 
@@ -327,17 +330,22 @@ class LoraTrainer:
                   torch.randint(0, b.num_train_timesteps, (self.mean.shape[0],), generator=gen))
                  for _ in range(params.steps)]
         self.draws = [torch.stack(x).to(b.device) for x in zip(*draws)] if draws else []  # (steps, B, ...)
+        self.compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA weights and AdamW stay fp32 either way
         self.cond = b.conditioning(crops.shape[0], self.mean.shape[-2:])  # the prompt (and SDXL's pooled/size inputs)
+        if self.compute != torch.float32 and self._cast_prompt:  # once: autocast would cast it at every cross-attention
+            self.cond["encoder_hidden_states"] = self.cond["encoder_hidden_states"].to(self.compute)
         # only its alphas and prediction type: q(z_t | x0) and the training target (noise, or v)
         self.ddim = DDIM(b.alphas_cumprod, 1, b.num_train_timesteps, prediction_type=b.prediction_type)
         self.ddim.alphas_cumprod = self.ddim.alphas_cumprod.to(b.device)  # once, not a host-to-device copy per step
-        self.compute = getattr(b, "compute_dtype", None) or b.dtype  # LoRA weights and AdamW stay fp32 either way
         self.exp_avg = [torch.zeros_like(q) for q in self.weights]
         self.exp_avg_sq = [torch.zeros_like(q) for q in self.weights]
         self.count = torch.zeros((), dtype=torch.float64, device=b.device)  # AdamW's step, on the device (fp64: see LatentAdam)
         self.checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
         if self.checkpointing:
             self.unet.enable_gradient_checkpointing()
+        # bf16 autocast would cast every frozen fp32 weight at every pass (and again when a checkpointed
+        # block recomputes); split them once for the whole training: the passes read the bf16 halves
+        self.split = SplitWeights(self.unet, frozen_only=True) if self.compute == torch.bfloat16 else None
 
     def inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step k's posterior sample (B, 4, c/8, c/8), noise (same) and timesteps (B,): views, no copies."""
@@ -380,6 +388,9 @@ class LoraTrainer:
         if self.checkpointing:
             self.unet.disable_gradient_checkpointing()
             self.checkpointing = False
+        if self.split is not None:
+            self.split.join()  # the exact fp32 base weights are back
+            self.split = None
         b = self.backbone
         for q in self.weights:
             q.requires_grad_(False)

@@ -51,8 +51,12 @@ def _rounds_up(lo: torch.Tensor) -> torch.Tensor:
     return ((lo < 0) & (lo != -32768)).to(torch.int16)
 
 
+#: layers whose parameters autocast casts to the lower precision at every call
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+
+
 class SplitWeights:
-    """While held, every fp32 parameter of ``module`` is its bf16 ``hi``; ``join()`` restores fp32.
+    """While held, every fp32 linear/conv parameter of ``module`` is its bf16 ``hi``; ``join()`` restores fp32.
 
     The weights are split in groups of about ``CHUNK`` elements, each as one flat tensor: a few
     kernels per group instead of a few per weight (SD1.5's UNet has ~700 weights), and never more
@@ -61,10 +65,22 @@ class SplitWeights:
 
     CHUNK = 64 << 20  # elements per group: 256 MB of fp32
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, frozen_only: bool = False):
+        """Only the weights and biases of linear and convolution layers are split: autocast reads
+        those in bf16 anyway (the same rounding), while normalisation layers run in fp32 with their
+        fp32 parameters, which stay as they are. ``frozen_only``: leave the parameters that require
+        grad in fp32 (LoRA training: the LoRA weights train in fp32, the frozen base is read in bf16)."""
         self._held: list[tuple[list[torch.nn.Parameter], torch.Tensor, torch.Tensor]] = []
+        params, seen = [], set()
+        for layer in module.modules():
+            if not isinstance(layer, AUTOCAST_LAYERS):
+                continue
+            for q in layer.parameters(recurse=False):
+                if q.dtype == torch.float32 and id(q) not in seen and not (frozen_only and q.requires_grad):
+                    seen.add(id(q))
+                    params.append(q)
         with torch.no_grad():
-            for group in _groups([q for q in module.parameters() if q.dtype == torch.float32], self.CHUNK):
+            for group in _groups(params, self.CHUNK):
                 flat = torch.cat([q.data.reshape(-1) for q in group])  # (n,) fp32
                 hi, lo = split(flat)
                 del flat

@@ -92,6 +92,7 @@ class StableDiffusionBackbone:
         #: autocast dtype of the heavy passes (LoRA training, reference, drag), None = the weights' dtype
         self.compute_dtype: torch.dtype | None = None
         self._mixed = False  # inside mixed()
+        self._compute_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its compute-dtype copy)
         self.low_memory = False  # VAE and text encoder parked in host memory between their calls
         self.park = PARK
         self.compiled = False  # the UNet's transformer blocks run through torch.compile
@@ -260,6 +261,7 @@ class StableDiffusionBackbone:
             yield
         finally:
             self._mixed = False
+            self._compute_copies.clear()
             if split is not None:
                 split.join()
 
@@ -313,7 +315,18 @@ class StableDiffusionBackbone:
                                       truncation=True, return_tensors="pt")
             with torch.no_grad(), self.visiting(self.pipe.text_encoder):
                 self._text[self.prompt] = self.pipe.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
-        return self._text[self.prompt].expand(batch, -1, -1)
+        return self.in_compute_dtype(self._text[self.prompt]).expand(batch, -1, -1)
+
+    def in_compute_dtype(self, emb: torch.Tensor, always: bool = False) -> torch.Tensor:
+        """The prompt embedding ``emb`` as autocast passes read it, cast once (inside ``mixed()``, or
+        ``always``): autocast would cast it again at every cross-attention's keys and values, 32
+        casts per SD1.5 pass, to the same values."""
+        if not (self._mixed or always) or self.compute_dtype is None or emb.dtype == self.compute_dtype:
+            return emb
+        hit = self._compute_copies.get(id(emb))
+        if hit is None or hit[0] is not emb:
+            hit = self._compute_copies[id(emb)] = (emb, emb.to(self.compute_dtype))
+        return hit[1]
 
     def _capture(self, module: Any, args: Any, output: torch.Tensor) -> None:
         self._captured = output

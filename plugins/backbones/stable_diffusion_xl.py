@@ -98,7 +98,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         """(batch, 77, D1 + D2): both encoders' penultimate hidden states, cached per prompt."""
         if self.prompt not in self._text:
             self._encode_prompt()
-        return self._text[self.prompt].expand(batch, -1, -1)
+        return self.in_compute_dtype(self._text[self.prompt]).expand(batch, -1, -1)
 
     def pooled_embedding(self, batch: int = 1) -> torch.Tensor:
         """(batch, D2): the second encoder's projected pooled output."""
