@@ -13,7 +13,7 @@ from gooddrag.plugins.backbones.tiny_random import TinyRandomBackbone
 from gooddrag.core.editor import Editor, select_backbone
 from gooddrag.core.errors import ModelNotFoundError, RequirementError
 from gooddrag.core.registry import default_registry
-from gooddrag.plugins.backbones.lora import wait_for_cache_writes
+from gooddrag.core.deferred import wait as wait_for_cache_writes
 from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 

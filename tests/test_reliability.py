@@ -19,7 +19,7 @@ from PIL import Image
 from gooddrag.app import cli
 from gooddrag.core.editor import Editor
 from gooddrag.core.errors import BadInputError, GoodDragError, GoodDragWarning
-from gooddrag.plugins.backbones.lora import wait_for_cache_writes
+from gooddrag.core.deferred import wait as wait_for_cache_writes
 from gooddrag.plugins.backbones.tiny_pipeline import tiny_pipeline_dir
 from gooddrag.testing import random_image
 

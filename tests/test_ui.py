@@ -273,7 +273,7 @@ def test_cancel_stops_lora_training_within_a_step_and_drops_the_adapter(img, _ca
     inp = prepare_input(img, [((8, 8), (30, 20))], width=32)
     cfg = tiny_editor.config(overrides=[*FAST, "lora.steps=500", "lora.crop=16", "lora.batch_size=1"],
                              lora="auto", width=32)
-    from gooddrag.plugins.backbones.lora import wait_for_cache_writes
+    from gooddrag.core.deferred import wait as wait_for_cache_writes
 
     wait_for_cache_writes()  # other tests' LoRAs are on disk (they are written after each result)
     cached = set((_cache / "lora").glob("*/pytorch_lora_weights.safetensors"))  # other tests' LoRAs (shared cache)

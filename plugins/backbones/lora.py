@@ -43,8 +43,6 @@ CHECKSUM_NAME = "weights.sha256"
 
 
 _sha256 = sha256_file
-#: return once every LoRA cache write started so far is on disk (or has failed and warned)
-wait_for_cache_writes = deferred.wait
 
 
 def cache_problem(folder: Path) -> str | None:
@@ -112,7 +110,7 @@ class PerImageLora:
         total)`` is called after each training step; what it raises (a cancel) stops the training and
         leaves the UNet without the half-trained adapter, and nothing is cached."""
         self.write_pending()  # an earlier edit's LoRA (that edit may have failed after training it)
-        wait_for_cache_writes()  # the cache is looked up below
+        deferred.wait()  # the cache is looked up below
         self.drop()
         if mode == "off":
             return "off"
@@ -219,10 +217,10 @@ class PerImageLora:
                                 "pass a LoRA saved by gooddrag/diffusers, auto or off") from None
         self.unet.requires_grad_(False)
 
-    def write_pending(self, background: bool = True) -> None:
-        """Cache the LoRA trained by the last edit, if any, on a thread (``background``) or now. The
-        weights were taken by reference when training ended: nothing writes to them afterwards, and
-        a fused or dropped adapter leaves them as trained."""
+    def write_pending(self) -> None:
+        """Cache the LoRA trained by the last edit, if any, on a background thread. The weights were
+        taken by reference when training ended: nothing writes to them afterwards, and a fused or
+        dropped adapter leaves them as trained."""
         if self._pending is None:
             return
         folder, weights = self._pending
@@ -236,9 +234,6 @@ class PerImageLora:
                               f"({exc.strerror or type(exc).__name__}); it was used for that edit only",
                               GoodDragWarning, stacklevel=2)
 
-        if not background:
-            write()
-            return
         deferred.start(write, "gooddrag-lora-cache")
 
     def save(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
