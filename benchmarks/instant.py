@@ -7,6 +7,9 @@ process, so peak memory is its own; the LoRA cache is a fresh folder, so GoodDra
 the output as it happens, so an edit that does not finish still leaves its finished phases.
 
     python benchmarks/instant.py --device cpu --width 256 --out benchmarks/results/cpu-2core-instant.json
+
+``--cache DIR`` reuses a cache folder (one an earlier run left: pass the printed one) instead of an
+empty one, so every preset finds the LoRA trained already: the cost of each preset when re-editing.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--presets", default="instant,gooddrag")
     ap.add_argument("--out", default="instant.json")
+    ap.add_argument("--cache", help="a cache folder to reuse (LoRA cached); default: a new, empty one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -103,8 +107,10 @@ def main() -> None:
         child(args)
         return
     tmp = Path(tempfile.mkdtemp(prefix="gooddrag-instant-"))
-    env = {**os.environ, "GOODDRAG_CACHE": str(tmp / "cache")}  # empty: the LoRA is trained
-    out = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+    cache = args.cache or str(tmp / "cache")  # new and empty: the LoRA is trained
+    print(f"cache: {cache}", flush=True)
+    env = {**os.environ, "GOODDRAG_CACHE": cache}
+    out = {"command": " ".join(sys.argv), "lora_cache": "reused" if args.cache else "empty", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for preset in args.presets.split(","):
         result = tmp / f"{preset}.json"
         code = subprocess.call([sys.executable, __file__, "--child", preset, "--result", str(result),
