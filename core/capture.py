@@ -27,6 +27,20 @@ from gooddrag.core.geometry import FeatureMap
 BACKEND = "inductor"
 
 
+def adam_factors(lr: float, betas: tuple[float, float], eps: float, steps: int,
+                 device: torch.device) -> torch.Tensor:
+    """(steps + 1, 2) fp64: row s holds Adam's bias-corrected factors (c1, c2) of step s, for the
+    update ``p += m / (sqrt(v) * c1 + c2)`` (row 0 unused). Worked out on the host, where fp64 is
+    exact enough that 1 - 0.999^s loses nothing at the first steps; a step reads its row by a
+    device step count, so no kernel recomputes them."""
+    b1, b2 = betas
+    rows = [(0.0, 0.0)]  # no step 0
+    for s in range(1, steps + 1):
+        a = lr / (1 - b1 ** s)
+        rows.append((-1 / (math.sqrt(1 - b2 ** s) * a), -eps / a))
+    return torch.tensor(rows, dtype=torch.float64, device=device)
+
+
 class LatentAdam:
     """Adam (Kingma & Ba) on one tensor, its state in device buffers: the moments and the step count
     (a device integer), so an update never reads anything back to the host. Same update as
@@ -50,12 +64,7 @@ class LatentAdam:
         self.factors = self._factors(capacity, z.device)  # (capacity + 1, 2) fp64: row s = (c1, c2) of step s
 
     def _factors(self, capacity: int, device: torch.device) -> torch.Tensor:
-        b1, b2 = self.betas
-        rows = [(0.0, 0.0)]  # no step 0
-        for s in range(1, capacity + 1):
-            a = self.lr / (1 - b1 ** s)
-            rows.append((-1 / (math.sqrt(1 - b2 ** s) * a), -self.eps / a))
-        return torch.tensor(rows, dtype=torch.float64, device=device)
+        return adam_factors(self.lr, self.betas, self.eps, capacity, device)
 
     def reset(self) -> None:
         """A fresh Adam (the method re-creates it at every drag timestep), in place."""

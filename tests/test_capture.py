@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gooddrag.core.capture import LatentAdam
+from gooddrag.core.capture import LatentAdam, adam_factors
 from gooddrag.testing import random_image
 from gooddrag.testing.capture import explain_drag_step, explain_lora_step, tiny_drag_context
 from gooddrag.testing.counting import counting
@@ -40,7 +40,8 @@ def test_lora_adamw_updates_as_torch_adamw():
     trainer.weights = [q.detach().clone() for q in ref]
     trainer.exp_avg = [torch.zeros_like(q) for q in ref]
     trainer.exp_avg_sq = [torch.zeros_like(q) for q in ref]
-    trainer.count = torch.zeros((), dtype=torch.float64)
+    trainer.count = torch.zeros(1, dtype=torch.int64)
+    trainer.factors = adam_factors(0.01, (0.9, 0.999), 1e-8, 20, torch.device("cpu"))
     opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.999), weight_decay=0.1)
     for _ in range(20):
         grads = [torch.randn(q.shape, generator=g) for q in ref]

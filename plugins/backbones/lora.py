@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gooddrag.core import deferred
+from gooddrag.core.capture import adam_factors
 from gooddrag.core.ddim import DDIM
 from gooddrag.core.errors import BadInputError, GoodDragWarning
 from gooddrag.plugins.backbones.fingerprint import pipeline_digest, sha256_file
@@ -40,6 +41,7 @@ LORA_ADAPTER = "gooddrag"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 CHECKSUM_NAME = "weights.sha256"
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as the method trains
 
 
 _sha256 = sha256_file
@@ -334,7 +336,8 @@ class LoraTrainer:
         self.ddim.alphas_cumprod = self.ddim.alphas_cumprod.to(b.device)  # once, not a host-to-device copy per step
         self.exp_avg = [torch.zeros_like(q) for q in self.weights]
         self.exp_avg_sq = [torch.zeros_like(q) for q in self.weights]
-        self.count = torch.zeros((), dtype=torch.float64, device=b.device)  # AdamW's step, on the device (fp64: see LatentAdam)
+        self.count = torch.zeros(1, dtype=torch.int64, device=b.device)  # (1,) AdamW's step, on the device
+        self.factors = adam_factors(params.lr, ADAMW_BETAS, ADAMW_EPS, params.steps, b.device)  # (steps + 1, 2)
         self.checkpointing = params.checkpointing and hasattr(self.unet, "enable_gradient_checkpointing")
         if self.checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -364,18 +367,17 @@ class LoraTrainer:
         """AdamW (decoupled weight decay; torch.optim.AdamW's update, its step count on the device)
         over all LoRA weights at once: a dozen multi-tensor ops per step."""
         p = self.params
-        b1, b2, eps = 0.9, 0.999, 1e-8
+        b1, b2 = ADAMW_BETAS
         self.count += 1
         torch._foreach_mul_(self.weights, 1 - p.lr * p.weight_decay)
         torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
         torch._foreach_mul_(self.exp_avg_sq, b2)
         torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - b2)
-        step_size_neg = -p.lr / (1 - torch.pow(b1, self.count))  # 0-d
-        bc2_sqrt = (1 - torch.pow(b2, self.count)).sqrt()
+        c = self.factors.index_select(0, self.count)[0]  # (2,): this step's bias-corrected (c1, c2)
         n = len(self.weights)  # the 0-d factors go in as lists of tensors: a tensor scalar would be read by the host
         denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, [bc2_sqrt * step_size_neg] * n)
-        torch._foreach_add_(denom, [eps / step_size_neg] * n)
+        torch._foreach_mul_(denom, [c[0]] * n)
+        torch._foreach_add_(denom, [c[1]] * n)
         torch._foreach_addcdiv_(self.weights, self.exp_avg, denom)
 
     def close(self) -> None:
