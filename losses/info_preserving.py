@@ -18,7 +18,6 @@ from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 
 
-
 class InfoPreserving:
     """Pull the features one step past each handle towards the unedited patch at its original handle (GoodDrag).
 

@@ -25,6 +25,7 @@ from gooddrag.core.hookspecs import hookimpl
 from gooddrag.core.params import finite, p
 from gooddrag.core.warp import COMBINE, FALLOFF, FILL, apply_warp
 
+
 class Warp:
     """Instant drag: one closed-form warp of the inverted latent, then the mutual-attention finish."""
 
